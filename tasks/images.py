@@ -48,6 +48,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
+    empty = not source if isinstance(source, bytes) else Path(source).stat().st_size == 0
+    if empty:
+        raise ImageError("empty file (0 bytes)")
     Image.MAX_IMAGE_PIXELS = max_pixels
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
@@ -70,18 +73,12 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
 
 def load_rgb(source: str | Path | bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     """Decode an image file or bytes into an HxWx3 uint8 RGB array, upright."""
-    if not isinstance(source, bytes) and Path(source).stat().st_size == 0:
-        raise ImageError("empty file (0 bytes)")
-    if isinstance(source, bytes) and not source:
-        raise ImageError("empty file (0 bytes)")
     return np.asarray(_to_rgb(_open(source, max_pixels)), dtype=np.uint8)
 
 
-def inspect_image(path: str | Path, max_pixels: int = 40_000_000) -> ImageInfo:
-    """Fully decode the file (catching truncation) and report its upright size and original mode."""
-    if Path(path).stat().st_size == 0:
-        raise ImageError("empty file (0 bytes)")
-    image = _open(path, max_pixels)
+def inspect_image(source: str | Path | bytes, max_pixels: int = 40_000_000) -> ImageInfo:
+    """Fully decode the image (catching truncation) and report its upright size and original mode."""
+    image = _open(source, max_pixels)
     mode = image.mode
     upright = _to_rgb(image)
     return ImageInfo(width=upright.width, height=upright.height, mode=mode)
