@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import requests
+import urllib3
 import yaml
 from PIL import Image
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -83,7 +84,8 @@ def fetch_url(url: str, dest: Path, sha256: str | None, timeout_s: float = 60.0,
         try:
             _stream_to(url, part, timeout_s)
             break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _RetryableHTTP) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError, _RetryableHTTP) as exc:
             if attempt == retries:
                 raise DownloadError(
                     f"{url}: download failed after {retries + 1} attempts ({exc}). The partial file "
@@ -126,7 +128,8 @@ def _stream_to(url: str, part: Path, timeout_s: float) -> None:
         total_bytes = int(total) + offset if total is not None else None
         with open(part, "ab" if offset else "wb") as handle, _progress() as bar:
             task = bar.add_task(f"download {Path(urlparse(url).path).name}", total=total_bytes, completed=offset)
-            for chunk in response.iter_content(chunk_size=1 << 16):
+            # read1 returns whatever has arrived, so a dropped connection loses none of it
+            while chunk := response.raw.read1(1 << 16):
                 handle.write(chunk)
                 bar.advance(task, len(chunk))
         if total_bytes is not None and part.stat().st_size < total_bytes:
