@@ -44,7 +44,7 @@ MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "sourc
 QUARANTINE_COLUMNS = ("origin", "label", "reason")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ValueError):
     """A source that cannot be fetched, verified or unpacked; the message names it and what to do."""
 
 
