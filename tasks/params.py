@@ -84,10 +84,13 @@ class TrainHeadParams(_Section):
     learning_rate: float = Field(1e-3, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
     lr_schedule: Literal["constant", "cosine", "exponential"] = "constant"
+    lr_decay_rate: float = Field(0.9, gt=0, le=1, description="exponential schedule: factor per epoch.")
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weight: Literal["none", "balanced"] | dict[str, float] = "none"
+    class_weight: Literal["none", "balanced"] | dict[str, float] = Field(
+        "none", description="none, balanced (from the train split) or {class name: weight}; also used by finetune."
+    )
     early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping.")
     use_augmented_views: bool = True
     seed: int = 42

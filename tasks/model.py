@@ -1,0 +1,145 @@
+"""The classifier's parts and how they fit together: head builder, augmentation, full model.
+
+Shared by train_head (the head), finetune (head + backbone) and the export/evaluate stages (the
+assembled model). Every layer is a built-in Keras layer, so saved `.keras` files load with
+`safe_mode=True` and no custom objects.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from tasks.params import AugmentationParams, FeaturesParams, TrainHeadParams
+
+
+class RandomWeightsError(ValueError):
+    """Training on a backbone with random weights, which would produce a meaningless model."""
+
+
+def require_trained_weights(features: FeaturesParams) -> None:
+    """Refuse to train on random backbone weights unless explicitly allowed (speed tests only)."""
+    if features.weights == "none" and not features.allow_random_weights:
+        raise RandomWeightsError(
+            "features.weights is 'none' (random backbone weights): a classifier trained on them is useless. "
+            "Use features.weights: packaged or imagenet, or set features.allow_random_weights: true for speed tests."
+        )
+
+
+def build_head(feature_dim: int, num_classes: int, params: TrainHeadParams) -> keras.Model:
+    """Pooled features (D,) -> softmax over classes: a linear head or `hidden_layers` dense blocks.
+
+    Each hidden block is Dense -> [BatchNorm] -> ReLU -> Dropout; a linear head drops out its input
+    (as `make_image_classifier` does). The output stays float32 under mixed precision.
+    """
+    regularizer = keras.regularizers.L2(params.l2) if params.l2 else None
+    inputs = keras.Input((feature_dim,), name="features")
+    x = inputs
+    if params.hidden_layers == 0 and params.dropout:
+        x = layers.Dropout(params.dropout, seed=params.seed, name="dropout_input")(x)
+    for i in range(params.hidden_layers):
+        x = layers.Dense(params.units, kernel_regularizer=regularizer, name=f"dense_{i}")(x)
+        if params.batch_norm:
+            x = layers.BatchNormalization(name=f"batch_norm_{i}")(x)
+        x = layers.Activation("relu", name=f"relu_{i}")(x)
+        if params.dropout:
+            x = layers.Dropout(params.dropout, seed=params.seed + i, name=f"dropout_{i}")(x)
+    outputs = layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=regularizer, dtype="float32", name="probabilities"
+    )(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def build_classifier(backbone: Any, head: keras.Model) -> keras.Model:
+    """Image (S, S, 3) float RGB 0..255 -> preprocessing -> frozen-mode backbone -> pooling -> head.
+
+    The base runs with `training=False`, so its BatchNorm layers stay in inference mode even when
+    unfrozen for fine-tuning. The head is the trained model itself, so its weights are shared.
+    """
+    size = backbone.image_size
+    feature_dim = head.input_shape[-1]
+    if feature_dim != backbone.feature_dim:
+        raise ValueError(
+            f"the head expects {feature_dim} features but backbone {backbone.spec.name!r} gives {backbone.feature_dim}: "
+            "retrain the head (headstart train_head) on features from this backbone"
+        )
+    inputs = keras.Input((size, size, 3), dtype="float32", name="image")
+    x = backbone.preprocess(inputs)
+    x = backbone.base(x, training=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = head(x)
+    return keras.Model(inputs, outputs, name="classifier")
+
+
+def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequential | None:
+    """Random Keras preprocessing layers from params (each off at 0/'none'); None when all are off.
+
+    They are applied in the training input pipeline only, never saved in the inference model.
+    """
+    steps: list[layers.Layer] = []
+    if params.flip != "none":
+        steps.append(layers.RandomFlip(params.flip, seed=seed))
+    if params.rotation:
+        steps.append(layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
+    if params.zoom:
+        steps.append(layers.RandomZoom(params.zoom, fill_mode="reflect", seed=seed + 2))
+    if params.translation:
+        steps.append(layers.RandomTranslation(params.translation, params.translation, fill_mode="reflect", seed=seed + 3))
+    if params.contrast:
+        steps.append(layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 4))
+    return keras.Sequential(steps, name="augmentation") if steps else None
+
+
+def all_layers(layer: layers.Layer) -> Iterator[layers.Layer]:
+    """The layer and every layer nested in it (models inside models)."""
+    yield layer
+    for child in getattr(layer, "layers", []):
+        yield from all_layers(child)
+
+
+def freeze_batch_norm(model: keras.Model) -> int:
+    """Set every BatchNormalization layer non-trainable (Keras 3 then also runs it in inference mode)."""
+    count = 0
+    for layer in all_layers(model):
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+            count += 1
+    return count
+
+
+def reseed(model: keras.Model, seed: int) -> None:
+    """Reset the random state of every layer (dropout) to a value derived from `seed`.
+
+    Keras does not save seed-generator state with the weights, so fine-tuning reseeds at each epoch
+    start: a run resumed from a checkpoint then draws the same dropout masks as an uninterrupted one.
+    """
+    weights = {id(v) for v in model.weights}
+    states = [v for v in model.variables if id(v) not in weights]
+    for i, state in enumerate(states):
+        state.assign(tf.constant([seed + i, 0], dtype=state.dtype))
+
+
+def describe_device() -> str:
+    """The accelerator(s) TF sees, or the CPU, for the record in each stage's info.json."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = {tf.config.experimental.get_device_details(gpu).get("device_name", "GPU") for gpu in gpus}
+        return f"{len(gpus)} x GPU ({', '.join(sorted(names))})"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and TF; with `deterministic`, also make TF ops reproducible (slower on GPU)."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def runtime_info() -> dict[str, str]:
+    return {"tf_version": tf.__version__, "keras_version": keras.__version__, "device": describe_device()}

@@ -1,0 +1,199 @@
+"""train_head stage: fit the classification head on cached backbone features.
+
+The backbone never runs here: an epoch over a few thousand (N, D) feature rows takes milliseconds,
+so the head can be tuned freely. Training is seeded with op determinism on, so the same params
+and features give the same weights on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from dvclive import Live
+from dvclive.keras import DVCLiveCallback
+from sklearn.metrics import f1_score
+from sklearn.utils.class_weight import compute_class_weight
+
+from tasks.files import atomic_directory
+from tasks.layout import Layout
+from tasks.model import build_head, require_trained_weights, runtime_info, seed_everything
+from tasks.params import Params, TrainHeadParams
+
+log = logging.getLogger(__name__)
+
+
+class TrainHeadError(ValueError):
+    """Inputs the head cannot be trained on; the message names the file or key."""
+
+
+def live_dir(layout: Layout, stage: str) -> Path:
+    """Where dvclive logs a stage's per-epoch metrics (declared as metrics/plots in dvc.yaml)."""
+    return layout.root / "live" / stage
+
+
+def read_features_info(layout: Layout) -> dict[str, Any]:
+    path = layout.features_dir / "info.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the features stage first (headstart features)")
+    return json.loads(path.read_text())
+
+
+def load_split(path: Path, num_classes: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 (N, D), labels int32 (N,)) from a features .npz, checked against info.json."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the features stage first (headstart features)")
+    with np.load(path, allow_pickle=False) as data:
+        features = data["features"].astype(np.float32, copy=False)
+        labels = data["labels"].astype(np.int32, copy=False)
+    if features.ndim != 2 or features.shape[1] != feature_dim or len(labels) != len(features):
+        raise TrainHeadError(
+            f"{path}: features {features.shape} / labels {labels.shape} do not match feature_dim={feature_dim} "
+            "in info.json: rerun the features stage"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise TrainHeadError(f"{path}: labels outside 0..{num_classes - 1}: rerun the features stage")
+    return features, labels
+
+
+def class_weights(spec: str | dict[str, float], labels: np.ndarray, classes: list[str]) -> dict[int, float] | None:
+    """Keras `class_weight` from params: none, balanced (n / (C * count) on the train split) or per class name.
+
+    Classes missing from an explicit mapping keep weight 1.0.
+    """
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        present = np.bincount(labels, minlength=len(classes))
+        if (present == 0).any():
+            empty = [c for c, n in zip(classes, present, strict=True) if n == 0]
+            raise TrainHeadError(f"class_weight: balanced needs train images of every class; none for {empty}")
+        weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=labels)
+        return {i: float(w) for i, w in enumerate(weights)}
+    unknown = sorted(set(spec) - set(classes))
+    if unknown:
+        raise TrainHeadError(
+            f"train_head.class_weight names unknown class(es) {unknown}; the classes are {classes}. "
+            "Fix the names in params.yaml (they are the class folder names)."
+        )
+    bad = {name: w for name, w in spec.items() if not w > 0}
+    if bad:
+        raise TrainHeadError(f"train_head.class_weight: weights must be > 0, got {bad}")
+    return {i: float(spec.get(name, 1.0)) for i, name in enumerate(classes)}
+
+
+def make_optimizer(params: TrainHeadParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = params.learning_rate
+    if params.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(params.learning_rate, params.epochs * steps_per_epoch)
+    elif params.lr_schedule == "exponential":
+        learning_rate = keras.optimizers.schedules.ExponentialDecay(
+            params.learning_rate, decay_steps=steps_per_epoch, decay_rate=params.lr_decay_rate
+        )
+    if params.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=params.momentum)
+    if params.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate)
+    return keras.optimizers.Adam(learning_rate)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch (training plus validation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _training_data(layout: Layout, params: TrainHeadParams, num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    features, labels = load_split(layout.features_dir / "train.npz", num_classes, dim)
+    views = layout.features_dir / "train_views.npz"
+    if params.use_augmented_views and views.exists():
+        extra_features, extra_labels = load_split(views, num_classes, dim)
+        log.info("train_head: adding %d cached augmented views to %d training rows", len(extra_labels), len(labels))
+        features, labels = np.concatenate([features, extra_features]), np.concatenate([labels, extra_labels])
+    if not len(labels):
+        raise TrainHeadError(f"{layout.features_dir / 'train.npz'} holds no training rows: check the split stage")
+    return features, labels
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    p = params.train_head
+    require_trained_weights(params.features)
+    info = read_features_info(layout)
+    classes, dim = list(info["classes"]), int(info["feature_dim"])
+    x_train, y_train = _training_data(layout, p, len(classes), dim)
+    x_val, y_val = load_split(layout.features_dir / "val.npz", len(classes), dim)
+    if not len(y_val):
+        raise TrainHeadError("the validation split is empty: set split.val > 0 (early stopping and warm start need it)")
+    weights = class_weights(p.class_weight, np.asarray(y_train), classes)
+
+    seed_everything(p.seed)
+    eye = np.eye(len(classes), dtype=np.float32)
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices((x_train, eye[y_train]))
+        .shuffle(len(y_train), seed=p.seed, reshuffle_each_iteration=True)
+        .batch(p.batch_size)
+    )
+    val_ds = tf.data.Dataset.from_tensor_slices((x_val, eye[y_val])).batch(max(p.batch_size, 256))
+    head = build_head(dim, len(classes), p)
+    head.compile(
+        optimizer=make_optimizer(p, steps_per_epoch=int(np.ceil(len(y_train) / p.batch_size))),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing),
+        metrics=["accuracy"],
+    )
+    timer = EpochTimer()
+    live = Live(str(live_dir(layout, "train_head")), dvcyaml=None, save_dvc_exp=False)
+    # patience 0 disables stopping but still restores the weights of the best validation loss
+    stopper = keras.callbacks.EarlyStopping("val_loss", patience=p.early_stopping_patience or p.epochs, restore_best_weights=True)
+    history = head.fit(
+        train_ds, validation_data=val_ds, epochs=p.epochs, class_weight=weights, verbose=0, shuffle=False,
+        callbacks=[timer, stopper, DVCLiveCallback(live=live)],
+    )
+    val_loss, val_accuracy = head.evaluate(val_ds, verbose=0)
+    predicted = head.predict(x_val, batch_size=256, verbose=0).argmax(axis=1)
+    metrics = {
+        "val_loss": float(val_loss),
+        "val_accuracy": float(val_accuracy),
+        "val_macro_f1": float(f1_score(y_val, predicted, average="macro", labels=np.arange(len(classes)), zero_division=0)),
+        "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
+        "epochs_run": len(history.history["loss"]),
+        "seconds_per_epoch": float(np.mean(timer.seconds)),
+    }
+    live.summary.update({f"best/{k}": v for k, v in metrics.items()})
+    live.make_summary()
+    log.info("train_head: %d epochs, val accuracy %.4f, %.3f s/epoch", metrics["epochs_run"], val_accuracy,
+             metrics["seconds_per_epoch"])
+
+    result = {
+        **metrics,
+        "classes": classes,
+        "feature_dim": dim,
+        "train_rows": int(len(y_train)),
+        "val_rows": int(len(y_val)),
+        "class_weight": weights,
+        "seed": p.seed,
+        "params": p.model_dump(),
+        "features": {k: info.get(k) for k in ("backbone", "weights_id", "image_size", "preprocessing_id", "cache_id")},
+        **runtime_info(),
+    }
+    with atomic_directory(layout.head_dir) as staging:
+        head.save(staging / "head.keras")
+        frame = pd.DataFrame(history.history)
+        frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+        frame.to_csv(staging / "history.csv", index=False)
+        (staging / "info.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    return result
