@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate the headstart stages (see flows/pipeline.py)."""

@@ -1,0 +1,185 @@
+"""The headstart pipeline as one Prefect flow: each stage a task calling the same `tasks.<stage>.run`
+that `headstart <stage>` (and so `dvc repro`) calls.
+
+Caching is by content (see flows/stages.py): a stage's key hashes its params sections, its code and
+data deps. A cached result records the hashes of the outputs the stage wrote; when those outputs are
+missing or changed on disk the flow refreshes the cache, so a cache hit always leaves the stage's
+outputs in place, as `dvc repro` would.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore
+from prefect.states import State
+from prefect.tasks import exponential_backoff
+
+from flows.stages import StageSpec, output_hashes, read_stage_specs, stage_key
+from tasks.download import DownloadError
+from tasks.layout import Layout
+from tasks.params import STAGES, Params, load_params
+
+RESULTS_ENV = "HEADSTART_RESULTS_DIR"
+ARTIFACT_KEY = "headstart-run-report"
+BAD_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _key_from_parameters(_context: Any, parameters: dict[str, Any]) -> str:
+    """The flow computes the content key before calling the task (it needs it for the output check)."""
+    return parameters["key"]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Network trouble is worth another try later; bad input (wrong path, bad archive, checksum) is not.
+
+    tasks.download retries each transfer itself and then raises DownloadError("... download failed
+    after N attempts ..."), keeping the partial file so the next attempt resumes it.
+    """
+    if isinstance(exc, DownloadError):
+        return "download failed after" in str(exc)
+    return isinstance(exc, OSError) and not isinstance(exc, BAD_PATH_ERRORS)
+
+
+def _retry_transient(_task: Any, _task_run: Any, state: State) -> bool:
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - classified, not swallowed: the state stays failed
+        return is_transient(exc)
+    return False
+
+
+@task(cache_key_fn=_key_from_parameters, persist_result=True, task_run_name="{stage}")
+def run_stage(stage: str, params: Params, root: str, key: str) -> dict[str, Any]:
+    """Run one stage through its module's `run`, then record the hashes of what it wrote."""
+    logger = get_run_logger()
+    spec = read_stage_specs()[stage]
+    logger.info("stage %s: running tasks.%s.run (content key %s)", stage, stage, key[-12:])
+    started = time.perf_counter()
+    summary = importlib.import_module(f"tasks.{stage}").run(params, Layout(Path(root)))
+    outputs = output_hashes(spec, Path(root))
+    missing = sorted(path for path, digest in outputs.items() if digest is None)
+    if missing:
+        raise RuntimeError(
+            f"stage {stage} finished but did not write {', '.join(missing)} (declared in dvc.yaml); "
+            f"fix tasks/{stage}.py or its outs in dvc.yaml."
+        )
+    logger.info("stage %s: done in %.1f s, %d outputs recorded", stage, time.perf_counter() - started, len(outputs))
+    return {"stage": stage, "key": key, "outputs": outputs, "summary": summary}
+
+
+def result_storage_for(root: Path, location: str | None) -> Path:
+    """Where task results (and so the cache) live: the argument, $HEADSTART_RESULTS_DIR, or data/cache.
+
+    Workers that should share a cache (a local one and a GPU one) need the same shared folder here.
+    """
+    chosen = location or os.environ.get(RESULTS_ENV) or str(root / "data" / "cache" / "prefect-results")
+    path = Path(chosen).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def outputs_current(store: ResultStore, spec: StageSpec, root: Path, key: str) -> bool:
+    """True when a result exists for `key` and the outputs it recorded are on disk unchanged."""
+    if not store.exists(key):
+        return False
+    recorded = store.read(key).result
+    return isinstance(recorded, dict) and recorded.get("outputs") == output_hashes(spec, root)
+
+
+def select_stages(stages: list[str] | None) -> list[str]:
+    if not stages:
+        return list(STAGES)
+    unknown = [name for name in stages if name not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}.")
+    return [name for name in STAGES if name in stages]
+
+
+def _stage_task(stage: str, storage: Path, refresh: bool, retries: int, backoff_s: float):
+    options: dict[str, Any] = {"result_storage": storage, "refresh_cache": refresh, "name": f"stage-{stage}"}
+    if stage == "download" and retries:
+        options |= {
+            "retries": retries,
+            "retry_delay_seconds": exponential_backoff(backoff_s)(retries),
+            "retry_jitter_factor": 0.5,
+            "retry_condition_fn": _retry_transient,
+        }
+    return run_stage.with_options(**options)
+
+
+def _metrics_rows(metrics: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(metrics, dict):
+        return [row for key, value in metrics.items() for row in _metrics_rows(value, f"{prefix}{key}.")]
+    return [(prefix.rstrip("."), metrics)]
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def run_report(layout: Layout, outcomes: list[dict[str, Any]]) -> str:
+    """Markdown for the run's artifact: what ran or was cached, the metrics, and where the figures are."""
+    lines = ["# headstart run", "", "| stage | status | seconds | content key |", "|---|---|---:|---|"]
+    lines += [f"| {o['stage']} | {o['status']} | {o['seconds']:.1f} | `{o['key'][-16:]}` |" for o in outcomes]
+    lines += ["", "## Metrics", ""]
+    if layout.metrics_file.exists():
+        rows = _metrics_rows(json.loads(layout.metrics_file.read_text()))
+        lines += ["| metric | value |", "|---|---:|"] + [f"| {name} | {_format(value)} |" for name, value in rows]
+    else:
+        lines.append(f"No `{layout.metrics_file}` yet: the evaluate stage has not run.")
+    figures = sorted(layout.reports_dir.glob("**/*confusion*"))
+    lines += ["", "## Confusion matrix", ""]
+    lines += [f"- `{path.resolve()}`" for path in figures] or ["Not produced yet: the evaluate stage has not run."]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="headstart-pipeline", log_prints=True, persist_result=False)
+def pipeline(
+    overrides: dict[str, Any] | None = None,
+    root: str = ".",
+    params_file: str = "params.yaml",
+    stages: list[str] | None = None,
+    result_storage: str | None = None,
+    download_retries: int = 3,
+    retry_backoff_s: float = 10.0,
+) -> dict[str, str]:
+    """Run the stages (all, or the named ones in pipeline order); returns each stage's status.
+
+    `overrides` (dotted like {"train_head.epochs": 5} or nested) apply over `params_file` and are
+    validated by tasks.params.load_params, exactly as `headstart <stage> --set` does.
+    `download_retries` reruns the whole download stage after a transient failure, waiting
+    retry_backoff_s, then twice that, ... (each transfer also retries itself, download.retries).
+    """
+    logger = get_run_logger()
+    params = load_params(params_file, overrides)
+    layout = Layout(Path(root))
+    data_root = Path(root).resolve()
+    specs = read_stage_specs()
+    storage = result_storage_for(data_root, result_storage)
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(storage)))
+    outcomes: list[dict[str, Any]] = []
+    for stage in select_stages(stages):
+        key = stage_key(specs[stage], params, data_root)
+        refresh = store.exists(key) and not outputs_current(store, specs[stage], data_root, key)
+        if refresh:
+            logger.info("stage %s: cached result found but its outputs are missing or changed; rerunning", stage)
+        started = time.perf_counter()
+        stage_task = _stage_task(stage, storage, refresh, download_retries, retry_backoff_s)
+        state = stage_task(stage, params, str(data_root), key, return_state=True)
+        state.result()  # raises the stage's own error
+        status = "cached" if state.name == "Cached" else "ran"
+        logger.info("stage %s: %s", stage, status)
+        outcomes.append({"stage": stage, "status": status, "seconds": time.perf_counter() - started, "key": key})
+    create_markdown_artifact(
+        key=ARTIFACT_KEY, markdown=run_report(layout, outcomes), description="Stages run or cached, metrics, figures"
+    )
+    return {o["stage"]: o["status"] for o in outcomes}

@@ -1,0 +1,212 @@
+"""The Prefect flow on real Fashion-MNIST images, against a real (temporary) Prefect server."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import ARTIFACT_KEY, is_transient, pipeline
+from flows.stages import StageDeclarationError, hash_path, read_stage_specs, stage_key
+from tasks.download import DownloadError
+from tasks.files import sha256_file
+from tasks.layout import Layout
+from tasks.params import ParamsError, load_params
+
+from tests.conftest import REPO_ROOT, write_class_folders
+
+FAST = {"download.min_images_per_class": 5}
+NO_FILE = "/nonexistent/params.yaml"
+"""The flow's defaults (tasks/params.py) keep these tests independent of edits to params.yaml."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def images(tmp_path: Path, fashion_arrays) -> Path:
+    """3 classes x 12 real Fashion-MNIST images as PNG class folders."""
+    pictures, labels = fashion_arrays
+    keep = labels < 3
+    return write_class_folders(tmp_path / "images", pictures[keep], labels[keep], per_class=12)
+
+
+def _run(root: Path, overrides: dict[str, Any], **kwargs: Any) -> dict[str, str]:
+    return pipeline(overrides={**FAST, **overrides}, root=str(root), params_file=NO_FILE,
+                    stages=["download", "split"], **kwargs)
+
+
+def _tree(root: Path) -> dict[str, str | None]:
+    layout = Layout(root)
+    return {"raw": hash_path(layout.raw_dir), "split": hash_path(layout.split_manifest)}
+
+
+def test_rerun_is_cached_and_a_param_change_reruns_only_downstream(tmp_path: Path, images: Path) -> None:
+    root = tmp_path / "run"
+    source = {"download.source": str(images)}
+    assert _run(root, source) == {"download": "ran", "split": "ran"}
+    first = _tree(root)
+    assert _run(root, source) == {"download": "cached", "split": "cached"}
+    assert _tree(root) == first
+
+    reshuffled = {**source, "split.salt": "another-salt"}
+    assert _run(root, reshuffled) == {"download": "cached", "split": "ran"}
+    assert _tree(root)["raw"] == first["raw"]
+    assert _tree(root)["split"] != first["split"]
+
+
+def test_a_cache_hit_never_leaves_outputs_missing(tmp_path: Path, images: Path) -> None:
+    root = tmp_path / "run"
+    source = {"download.source": str(images)}
+    _run(root, source)
+    before = _tree(root)
+    Layout(root).split_manifest.unlink()
+    assert _run(root, source) == {"download": "cached", "split": "ran"}
+    assert _tree(root) == before
+
+    shutil.rmtree(Layout(root).raw_dir)
+    assert _run(root, source) == {"download": "ran", "split": "cached"}
+    assert _tree(root) == before
+
+
+def test_keys_follow_content_not_paths(tmp_path: Path, images: Path) -> None:
+    """A copy of the data under another root has the same keys; its own outputs decide what reruns."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    storage = str(tmp_path / "results")
+    _run(first, {"download.source": str(images)}, result_storage=storage)
+    shutil.copytree(first / "data", second / "data")
+    params = load_params(NO_FILE, {**FAST, "download.source": str(images)})
+    specs = read_stage_specs()
+    assert stage_key(specs["split"], params, first) == stage_key(specs["split"], params, second)
+    assert _run(second, {"download.source": str(images)}, result_storage=storage) == {
+        "download": "cached", "split": "cached"}
+
+    (second / "data" / "raw" / "manifest.csv").write_text("path,label\n")
+    assert stage_key(specs["split"], params, first) != stage_key(specs["split"], params, second)
+
+
+def api_filter(what: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST /<what>/filter directly: 3.8.8's client methods send null paging fields (422), and with
+    every field set, artifacts/filter joins on task runs and misses flow-level artifacts."""
+    with get_client(sync_client=True) as client:
+        return client.request("POST", f"/{what}/filter", json=body).json()
+
+
+def artifacts_of(flow_run_id: Any) -> list[dict[str, Any]]:
+    return api_filter("artifacts", {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}})
+
+
+def task_runs_of(flow_run_id: Any) -> dict[str, dict[str, Any]]:
+    runs = api_filter("task_runs", {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}})
+    return {run["name"]: run for run in runs}
+
+
+def test_the_run_publishes_a_markdown_artifact(tmp_path: Path, images: Path) -> None:
+    state = pipeline(overrides={**FAST, "download.source": str(images)}, root=str(tmp_path / "run"),
+                     params_file=NO_FILE, stages=["download", "split"], return_state=True)
+    assert state.is_completed()
+    [artifact] = [a for a in artifacts_of(state.state_details.flow_run_id) if a["key"] == ARTIFACT_KEY]
+    assert artifact["type"] == "markdown"
+    assert "| download | ran |" in artifact["data"] and "| split | ran |" in artifact["data"]
+    assert "evaluate stage has not run" in artifact["data"]
+
+
+def test_bad_overrides_and_stage_names_fail_with_the_key(tmp_path: Path, images: Path) -> None:
+    with pytest.raises(ParamsError, match="split.train"):
+        _run(tmp_path / "run", {"download.source": str(images), "split.train": 2})
+    with pytest.raises(ValueError, match="'trian_head'"):
+        pipeline(root=str(tmp_path / "run"), params_file=NO_FILE, stages=["trian_head"])
+
+
+class _FlakyArchive(http.server.BaseHTTPRequestHandler):
+    """Serves one archive, answering 503 to the first `failures` requests."""
+
+    archive: bytes = b""
+    failures = 0
+    requests = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).requests += 1
+        if type(self).requests <= type(self).failures:
+            self.send_error(503, "try later")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.archive)))
+        self.end_headers()
+        self.wfile.write(self.archive)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_server(tmp_path: Path, images: Path) -> Iterator[tuple[str, str, type[_FlakyArchive]]]:
+    archive = tmp_path / "fashion.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(images, arcname="fashion")
+    handler = type("Handler", (_FlakyArchive,), {"archive": archive.read_bytes(), "failures": 2, "requests": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/fashion.tar.gz", sha256_file(archive), handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_is_retried_with_backoff_after_transient_failures(tmp_path: Path, flaky_server) -> None:
+    url, digest, handler = flaky_server
+    overrides = {**FAST, "download.source": url, "download.sha256": digest, "download.retries": 0}
+    state = pipeline(overrides=overrides, root=str(tmp_path / "run"), params_file=NO_FILE,
+                     stages=["download"], download_retries=3, retry_backoff_s=0.05, return_state=True)
+    assert state.is_completed(), state
+    assert handler.requests == 3
+    assert task_runs_of(state.state_details.flow_run_id)["download"]["run_count"] == 3
+    assert (tmp_path / "run" / "data" / "raw" / "manifest.csv").exists()
+
+
+def test_bad_input_is_not_retried(tmp_path: Path) -> None:
+    state = pipeline(overrides={"download.source": str(tmp_path / "no-such-folder")}, root=str(tmp_path / "run"),
+                     params_file=NO_FILE, stages=["download"], download_retries=3,
+                     retry_backoff_s=30, return_state=True)
+    assert state.is_failed()
+    assert "no-such-folder" in task_runs_of(state.state_details.flow_run_id)["download"]["state"]["message"]
+    assert task_runs_of(state.state_details.flow_run_id)["download"]["run_count"] == 1
+
+
+def test_transient_errors_are_told_apart_from_bad_input() -> None:
+    assert is_transient(DownloadError("http://x/a.tgz: download failed after 5 attempts (timed out)"))
+    assert is_transient(ConnectionResetError("reset by peer"))
+    assert not is_transient(DownloadError("download.source 'x': no such preset, folder or file"))
+    assert not is_transient(FileNotFoundError("data/raw/manifest.csv"))
+    assert not is_transient(ValueError("bad value"))
+
+
+def test_stage_declarations_come_from_dvc_yaml(tmp_path: Path) -> None:
+    specs = read_stage_specs()
+    declared = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    assert specs["split"].deps == tuple(declared["split"]["deps"])
+    assert "data/split/summary.json" in specs["split"].outs
+
+    broken = tmp_path / "dvc.yaml"
+    broken.write_text(yaml.safe_dump({"stages": {"download": declared["download"]}}))
+    with pytest.raises(StageDeclarationError, match="stage 'split' is missing"):
+        read_stage_specs(broken)
+
+    declared["split"]["params"] = ["split.no_such_knob"]
+    broken.write_text(yaml.safe_dump({"stages": declared}))
+    with pytest.raises(StageDeclarationError, match="split.no_such_knob"):
+        stage_key(read_stage_specs(broken)["split"], load_params(NO_FILE), tmp_path)
