@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,7 +377,7 @@ def _copy_torch_weights(model: keras.Model, state: dict[str, np.ndarray], names:
             values = [state[f"{prefix}.weight"].T, state[f"{prefix}.bias"]]
         else:
             raise TypeError(f"no torch mapping for layer {layer_name} of type {type(layer).__name__}")
-        expected = [tuple(w.shape) for w in layer.get_weights()]
+        expected = [tuple(w.shape) for w in layer.weights]
         if expected != [v.shape for v in values]:
             raise ValueError(f"{source}: {prefix} has shapes {[v.shape for v in values]}, layer {layer_name} needs {expected}")
         layer.set_weights(values)
@@ -445,7 +446,7 @@ def _download_checkpoint(spec: BackboneSpec, weights_dir: Path) -> Path:
 
 def _base_from_converted(spec: BackboneSpec, size: int, weights_file: Path) -> keras.Model:
     classifier = _classifier_with_base(spec, size)
-    classifier.load_weights(weights_file)
+    _load_file_into(classifier, weights_file)
     return classifier.get_layer(BASE_NAME)
 
 
@@ -465,27 +466,32 @@ def _weights_path(spec: BackboneSpec, weights: str) -> Path:
 
 
 def _load_file_into(model: keras.Model, path: Path) -> None:
-    if path.suffix == ".keras":
-        model.set_weights(keras.saving.load_model(path, compile=False, safe_mode=True).get_weights())
-    else:
-        model.load_weights(path)
+    """Load strictly: Keras only warns when parts of a file do not fit, leaving random weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        try:
+            if path.suffix == ".keras":
+                model.set_weights(keras.saving.load_model(path, compile=False, safe_mode=True).get_weights())
+            else:
+                model.load_weights(path)
+        except UserWarning as exc:
+            raise ValueError(str(exc).split(". ")[0]) from None
 
 
 def _base_from_file(spec: BackboneSpec, size: int, path: Path) -> keras.Model:
     """A local file holds the base's weights, or (packaged backbones) the converted classifier's."""
-    base = spec.builder((size, size, 3), None, False)
-    try:
-        _load_file_into(base, path)
-        return base
-    except ValueError as base_error:
-        if spec.packaged is None:
-            raise ValueError(f"{path} does not hold weights for backbone {spec.name}: {base_error}") from None
+    if spec.packaged is not None:
         try:
             return _base_from_converted(spec, size, path)
         except ValueError as classifier_error:
-            raise ValueError(
-                f"{path} holds neither {spec.name}'s base weights ({base_error}) nor its classifier's ({classifier_error})"
-            ) from None
+            first_error = f"nor its converted classifier's ({classifier_error})"
+    base = spec.builder((size, size, 3), None, False)
+    try:
+        _load_file_into(base, path)
+    except ValueError as base_error:
+        detail = f"{base_error}" if spec.packaged is None else f"{base_error}; {first_error}"
+        raise ValueError(f"{path} does not hold the base weights of backbone {spec.name}: {detail}") from None
+    return base
 
 
 def _packaged_base(spec: BackboneSpec, size: int, checkpoint: Path, weights_dir: Path) -> tuple[keras.Model, str]:
@@ -548,7 +554,7 @@ def build_imagenet_classifier(name: str, weights: str, weights_dir: Path) -> ker
         else:
             weights_file = _weights_path(spec, weights)
         core = _classifier_with_base(spec, size)
-        core.load_weights(weights_file)
+        _load_file_into(core, weights_file)
     elif weights in ("imagenet", "none"):
         core = spec.builder((size, size, 3), None if weights == "none" else "imagenet", True)
     else:

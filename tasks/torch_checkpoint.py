@@ -180,8 +180,10 @@ def load_legacy_checkpoint(path: str | Path) -> Any:
                 raise CheckpointError(f"{path}: only little-endian checkpoints are supported")
             result = RestrictedUnpickler(handle, storages).load()
             keys = RestrictedUnpickler(handle, storages).load()
-        except (pickle.UnpicklingError, EOFError) as exc:
+        except pickle.UnpicklingError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
+        except EOFError:
+            raise CheckpointError(f"{path}: empty or truncated before its storages") from None
         if not isinstance(keys, list):
             raise CheckpointError(f"{path}: storage key list is missing")
         _read_storages(handle, keys, storages, path)
