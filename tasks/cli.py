@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default="models/export/model.keras", help="any exported format")
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
+    predict.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest URL download (default: 20 MiB)")
+    predict.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per URL (default: 30)")
     return parser
 
 

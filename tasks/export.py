@@ -1,0 +1,222 @@
+"""export stage: package the final classifier for callers that hold raw images.
+
+The exported model takes uint8 RGB images of any size: Input (None, None, 3) uint8 -> cast ->
+the same Keras `Resizing` layer the data pipeline uses -> the classifier (preprocessing inside).
+Formats: `.keras`, a SavedModel with a named serving signature, and TFLite float32 / float16 /
+full-integer int8 (calibrated on a sample of the train split). A parity check runs every format
+through `tasks.predict`'s loaders on the test split; float formats that disagree with Keras on
+more than `1 - export.min_float_agreement` of the images fail the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from keras import layers
+
+from tasks.datasets import resizing_layer
+from tasks.evaluate import load_model, read_json
+from tasks.files import atomic_directory, atomic_write_json, sha256_file
+from tasks.images import load_rgb
+from tasks.layout import Layout
+from tasks.params import Params
+from tasks.predict import INPUT_NAME, LABELS_FILE, OUTPUT_NAME, SIGNATURE, Predictor, keras_runner, load_predictor
+
+log = logging.getLogger(__name__)
+
+FILES = {
+    "keras": "model.keras",
+    "saved_model": "saved_model",
+    "tflite_float32": "model_float32.tflite",
+    "tflite_float16": "model_float16.tflite",
+    "tflite_int8": "model_int8.tflite",
+}
+FLOAT_FORMATS = ("keras", "saved_model", "tflite_float32", "tflite_float16")
+PARITY_BATCH = 32
+
+
+class ExportParityError(ValueError):
+    """An exported float format disagrees with the Keras model more than allowed."""
+
+
+def serving_model(classifier: keras.Model, image_size: int, interpolation: str) -> keras.Model:
+    """Raw uint8 RGB of any size in, class probabilities out; built-in layers only (safe-mode loadable)."""
+    image = keras.Input((None, None, 3), dtype="uint8", name=INPUT_NAME)
+    x = layers.Rescaling(1.0, name="to_float32")(image)  # Rescaling casts to its float32 compute dtype
+    x = resizing_layer(image_size, interpolation)(x)
+    return keras.Model(image, classifier(x), name="headstart_classifier")
+
+
+def write_saved_model(model: keras.Model, target: Path) -> None:
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name=SIGNATURE,
+        fn=lambda image: {OUTPUT_NAME: model(image, training=False)},
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)],
+    )
+    archive.write_out(str(target), verbose=False)
+
+
+def representative_images(layout: Layout, count: int) -> list[np.ndarray]:
+    """`count` train images, the same ones every run: the lowest content hashes (an unbiased, stable draw)."""
+    manifest = pd.read_csv(layout.split_manifest)
+    train = manifest[manifest["split"] == "train"].sort_values("sha256").head(count)
+    if train.empty:
+        raise ValueError(f"{layout.split_manifest} has no train images to calibrate the int8 model with")
+    return [load_rgb(layout.root / path) for path in train["path"]]
+
+
+def convert_tflite(saved_model: Path, kind: str, calibration: list[np.ndarray] | None = None) -> bytes:
+    """TFLite flatbuffer from the SavedModel signature; input stays uint8 with a resizable (-1) shape."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[SIGNATURE])
+    if kind == "tflite_float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif kind == "tflite_int8":
+
+        def samples() -> Iterator[list[np.ndarray]]:
+            for image in calibration or []:
+                yield [image[None]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+def _test_images(layout: Layout, classes: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+    manifest = pd.read_csv(layout.split_manifest)
+    test = manifest[manifest["split"] == "test"]
+    if test.empty:
+        raise ValueError(f"{layout.split_manifest} has no test images for the parity check: set split.test > 0")
+    return [load_rgb(layout.root / path) for path in test["path"]], test["label"].map(classes.index).to_numpy()
+
+
+def _predict_all(predictor: Predictor, images: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([predictor.predict(images[i : i + PARITY_BATCH]) for i in range(0, len(images), PARITY_BATCH)])
+
+
+def parity_check(reference: np.ndarray, exported: dict[str, Path], images: list[np.ndarray],
+                 labels: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement with the in-memory Keras model, accuracy and largest probability gap per format."""
+    ref_top1 = reference.argmax(axis=1)
+    ref_accuracy = float((ref_top1 == labels).mean())
+    result: dict[str, Any] = {"images": len(labels), "reference": {"accuracy": ref_accuracy}}
+    for fmt, path in exported.items():
+        probs = _predict_all(load_predictor(path), images)
+        top1 = probs.argmax(axis=1)
+        accuracy = float((top1 == labels).mean())
+        result[fmt] = {
+            "agreement": float((top1 == ref_top1).mean()),
+            "accuracy": accuracy,
+            "accuracy_drop": ref_accuracy - accuracy,
+            "max_abs_prob_diff": float(np.abs(probs - reference).max()),
+        }
+        log.info("export: %s agrees with Keras on %.2f%% of %d test images (accuracy %.4f vs %.4f)", fmt,
+                 100 * result[fmt]["agreement"], len(labels), accuracy, ref_accuracy)
+    return result
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def code_hashes() -> dict[str, str]:
+    """sha256 of every module of the installed `tasks` package: which code made this model."""
+    package = Path(__file__).resolve().parent
+    return {f"tasks/{p.name}": sha256_file(p) for p in sorted(package.glob("*.py"))}
+
+
+def model_card(params: Params, layout: Layout, info: dict[str, Any], files: dict[str, Path], parity: dict[str, Any],
+               image_size: int) -> dict[str, Any]:
+    metrics = json.loads(layout.metrics_file.read_text()) if layout.metrics_file.exists() else None
+    features_info = layout.features_dir / "info.json"
+    return {
+        "classes": info["classes"],
+        "backbone": info.get("backbone"),
+        "weights_id": info.get("weights_id"),
+        "fine_tuned": info.get("fine_tuned"),
+        "input": {
+            "name": INPUT_NAME, "dtype": "uint8", "shape": [None, None, None, 3], "color": "RGB, 0..255, upright",
+            "resized_inside_to": [image_size, image_size], "interpolation": info.get("interpolation", "bilinear"),
+        },
+        "output": {"name": OUTPUT_NAME, "dtype": "float32 (uint8 in the int8 TFLite model, scale 1/256)",
+                   "shape": [None, len(info["classes"])], "meaning": "softmax probabilities in labels.txt order"},
+        "serving_signature": SIGNATURE,
+        "files": {fmt: {"path": FILES[fmt], "bytes": _size(path)} for fmt, path in files.items()},
+        "params": params.model_dump(mode="json"),
+        "metrics": metrics,
+        "parity": parity,
+        "data": {
+            "split_manifest_sha256": sha256_file(layout.split_manifest),
+            "features_cache_id": json.loads(features_info.read_text()).get("cache_id") if features_info.exists() else None,
+        },
+        "source_model_sha256": sha256_file(layout.finetune_dir / "model.keras"),
+        "code": code_hashes(),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()},
+    }
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    p = params.export
+    info = read_json(layout.finetune_dir / "info.json", "finetune")
+    classes = list(info["classes"])
+    image_size = int(info["image_size"])
+    model = serving_model(load_model(layout.finetune_dir / "model.keras", "finetune"), image_size,
+                          info.get("interpolation", "bilinear"))
+    images, labels = _test_images(layout, classes)
+    reference = _predict_all(Predictor(keras_runner(model), classes, "keras"), images)
+
+    scratch = Path(tempfile.mkdtemp(prefix=".export.", dir=layout.root))
+    try:
+        with atomic_directory(layout.export_dir) as staging:
+            (staging / LABELS_FILE).write_text("\n".join(classes) + "\n", encoding="utf-8")
+            exported: dict[str, Path] = {}
+            if "keras" in p.formats:
+                model.save(staging / FILES["keras"])
+                exported["keras"] = staging / FILES["keras"]
+            # the TFLite converters read the SavedModel even when it is not a requested format
+            saved_model = staging / FILES["saved_model"] if "saved_model" in p.formats else scratch / "saved_model"
+            write_saved_model(model, saved_model)
+            if "saved_model" in p.formats:
+                exported["saved_model"] = saved_model
+            calibration = representative_images(layout, p.representative_samples) if "tflite_int8" in p.formats else None
+            for fmt in ("tflite_float32", "tflite_float16", "tflite_int8"):
+                if fmt in p.formats:
+                    log.info("export: converting %s", fmt)
+                    (staging / FILES[fmt]).write_bytes(convert_tflite(saved_model, fmt, calibration))
+                    exported[fmt] = staging / FILES[fmt]
+
+            parity = parity_check(reference, exported, images, labels)
+            parity["min_float_agreement"] = p.min_float_agreement
+            for fmt, path in exported.items():
+                parity[fmt]["bytes"] = _size(path)
+            card = model_card(params, layout, info, exported, parity, image_size)
+            atomic_write_json(staging / "model_card.json", card)
+            atomic_write_json(layout.reports_dir / "export_parity.json", parity)
+            failing = {f: parity[f]["agreement"] for f in FLOAT_FORMATS if f in parity
+                       and parity[f]["agreement"] < p.min_float_agreement}
+            if failing:
+                raise ExportParityError(
+                    "exported float model(s) disagree with the Keras model on the test split: "
+                    + ", ".join(f"{f} top-1 agreement {a:.4f}" for f, a in failing.items())
+                    + f" < export.min_float_agreement={p.min_float_agreement:g}; nothing was exported. "
+                    f"See {layout.reports_dir / 'export_parity.json'}."
+                )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return parity

@@ -1,0 +1,322 @@
+"""`headstart predict`: classify image files, folders and http(s) URLs with any exported model.
+
+Every exported format takes raw uint8 RGB images of any size (resizing and preprocessing live
+inside the model), so this module only decodes images (`tasks.images.load_rgb`) and runs the
+model: `.keras` (safe mode), a SavedModel directory (its `serving_default` signature) or a
+`.tflite` file (LiteRT interpreter, input resized per image shape). The export stage's parity
+check runs its formats through these same loaders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import requests
+import tensorflow as tf
+
+from tasks.images import ImageError, is_candidate_image, load_rgb
+
+SIGNATURE = "serving_default"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+LABELS_FILE = "labels.txt"
+URL_SCHEMES = ("http", "https")
+CHUNK = 32
+
+
+class ModelFormatError(ValueError):
+    """A model path that is not one of the exported formats, or a model without the expected I/O."""
+
+
+class FetchError(ValueError):
+    """A URL that could not be downloaded within the limits; the message says why."""
+
+
+def read_labels(model_path: Path) -> list[str]:
+    """Class names from labels.txt beside the model (for a SavedModel directory: inside it or beside it)."""
+    candidates = [model_path / LABELS_FILE] if model_path.is_dir() else []
+    candidates.append(model_path.parent / LABELS_FILE)
+    for candidate in candidates:
+        if candidate.exists():
+            labels = [line.strip() for line in candidate.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if labels:
+                return labels
+    raise FileNotFoundError(
+        f"no {LABELS_FILE} found beside {model_path}: predict needs the export folder's {LABELS_FILE} "
+        "(run `headstart export`, or copy it next to the model)"
+    )
+
+
+def _group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(index)
+    return groups
+
+
+class Predictor:
+    """Runs one exported model on uint8 HxWx3 images; images of the same size share a batch."""
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], classes: list[str], kind: str):
+        self._run_batch = run_batch
+        self.classes = classes
+        self.kind = kind
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, classes) float32 probabilities, in the order of `images`."""
+        out = np.zeros((len(images), len(self.classes)), dtype=np.float32)
+        for indices in _group_by_shape(images).values():
+            probs = self._run_batch(np.stack([images[i] for i in indices]))
+            if probs.shape[-1] != len(self.classes):
+                raise ModelFormatError(
+                    f"the {self.kind} model outputs {probs.shape[-1]} classes but {LABELS_FILE} lists {len(self.classes)}: "
+                    "use the labels.txt exported with this model"
+                )
+            out[indices] = probs
+        return out
+
+
+def _check_input(kind: str, dtype: Any, shape: Sequence[Any], path: Path) -> None:
+    if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ModelFormatError(
+            f"{path}: this {kind} model takes {np.dtype(dtype).name} {list(shape)}, not uint8 RGB images of any size; "
+            "predict needs a model written by `headstart export` (models/export/)"
+        )
+
+
+def _keras_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import keras
+
+    model = keras.models.load_model(path, safe_mode=True, compile=False)
+    _check_input("Keras", model.inputs[0].dtype, model.inputs[0].shape, path)
+    return keras_runner(model)
+
+
+def keras_runner(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """One traced function for every image size (no retracing per shape)."""
+    call = tf.function(lambda x: model(x, training=False),
+                       input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    return lambda batch: call(tf.constant(batch)).numpy()
+
+
+def _saved_model_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    loaded = tf.saved_model.load(str(path))
+    if SIGNATURE not in loaded.signatures:
+        raise ModelFormatError(f"{path}: no '{SIGNATURE}' signature (it has {sorted(loaded.signatures)})")
+    signature = loaded.signatures[SIGNATURE]
+    spec = signature.structured_input_signature[1].get(INPUT_NAME)
+    if spec is None:
+        raise ModelFormatError(f"{path}: signature '{SIGNATURE}' has no '{INPUT_NAME}' input")
+    _check_input("SavedModel", spec.dtype.as_numpy_dtype, spec.shape, path)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        # keep a reference to `loaded`: the signature's variables live as long as it does
+        return loaded.signatures[SIGNATURE](**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME].numpy()
+
+    return run
+
+
+def _tflite_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # the LiteRT wheel is missing on this platform: TF's own interpreter runs the same file
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    source, = interpreter.get_input_details()
+    target, = interpreter.get_output_details()
+    _check_input("TFLite", source["dtype"], source["shape_signature"], path)
+    scale, zero_point = target["quantization"]
+    current: list[tuple[int, ...]] = [()]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if batch.shape != current[0]:
+            interpreter.resize_tensor_input(source["index"], batch.shape, strict=True)
+            interpreter.allocate_tensors()
+            current[0] = batch.shape
+        interpreter.set_tensor(source["index"], batch)
+        interpreter.invoke()
+        out = interpreter.get_tensor(target["index"])
+        if np.issubdtype(out.dtype, np.integer):  # int8 export: quantised probabilities
+            out = (out.astype(np.float32) - zero_point) * scale
+        return out.astype(np.float32)
+
+    return run
+
+
+def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
+    """A predictor for an exported `.keras` file, SavedModel directory or `.tflite` file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} not found: run `headstart export` or pass --model")
+    if path.is_dir():
+        if not (path / "saved_model.pb").exists():
+            raise ModelFormatError(f"{path} is a directory without saved_model.pb: pass a SavedModel directory")
+        kind, run = "saved_model", _saved_model_runner(path)
+    elif path.suffix == ".keras":
+        kind, run = "keras", _keras_runner(path)
+    elif path.suffix == ".tflite":
+        kind, run = "tflite", _tflite_runner(path, threads)
+    else:
+        raise ModelFormatError(f"{path}: unknown model format; pass a .keras file, a .tflite file or a SavedModel directory")
+    return Predictor(run, read_labels(path), kind)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image: its display name and how to get its bytes or path."""
+
+    name: str
+    load: Callable[[], np.ndarray]
+
+
+def fetch_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
+    """Stream an http(s) URL into memory, refusing other schemes, oversize bodies and slow servers."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise FetchError(f"scheme '{scheme}' is not allowed; only http and https URLs are fetched")
+    deadline = time.monotonic() + timeout_s
+    try:
+        with requests.get(url, stream=True, timeout=timeout_s) as response:
+            if response.status_code != 200:
+                raise FetchError(f"HTTP {response.status_code} {response.reason}")
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise FetchError(f"{declared} bytes exceeds the {max_bytes}-byte limit (--max-bytes)")
+            body = bytearray()
+            for chunk in response.iter_content(1 << 16):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise FetchError(f"more than {max_bytes} bytes (--max-bytes)")
+                if time.monotonic() > deadline:
+                    raise FetchError(f"took longer than {timeout_s:g} s (--timeout)")
+    except requests.RequestException as exc:
+        raise FetchError(f"download failed: {exc}") from None
+    return bytes(body)
+
+
+def is_url(text: str) -> bool:
+    """Anything with a scheme of two or more letters that is not an existing path (C:\\ stays a path)."""
+    scheme = urlsplit(text).scheme
+    return len(scheme) > 1 and not Path(text).exists()
+
+
+def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float,
+                  report: Callable[[str, str], None]) -> Iterator[Source]:
+    """Files as given, folders walked recursively (image file names only), URLs fetched lazily."""
+    for text in inputs:
+        if is_url(text):
+            yield Source(text, lambda url=text: load_rgb(fetch_url(url, max_bytes, timeout_s)))
+            continue
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_candidate_image(p))
+            if not found:
+                report(text, "folder holds no image files")
+            for image in found:
+                yield Source(str(image), lambda p=image: load_rgb(p))
+        elif path.exists():
+            yield Source(text, lambda p=path: load_rgb(p))
+        else:
+            report(text, "no such file or folder")
+
+
+# ---------------------------------------------------------------- output
+
+
+def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(classes[i], float(probs[i])) for i in order]
+
+
+class _Writer:
+    def __init__(self, fmt: str, k: int, stream: IO[str]):
+        self.fmt, self.k, self.stream = fmt, k, stream
+        self.rows: list[tuple[str, list[tuple[str, float]]]] = []
+        if fmt == "csv":
+            self.csv = csv.writer(stream, lineterminator="\n")
+            self.csv.writerow(["input", "rank", "label", "probability"])
+
+    def add(self, name: str, ranked: list[tuple[str, float]]) -> None:
+        if self.fmt == "jsonl":
+            entries = [{"label": label, "probability": round(p, 6)} for label, p in ranked]
+            self.stream.write(json.dumps({"input": name, "predictions": entries}) + "\n")
+        elif self.fmt == "csv":
+            for rank, (label, p) in enumerate(ranked, start=1):
+                self.csv.writerow([name, rank, label, f"{p:.6f}"])
+        else:
+            self.rows.append((name, ranked))
+
+    def close(self) -> None:
+        if self.fmt != "table" or not self.rows:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"top-{self.k} predictions")
+        table.add_column("input", overflow="fold")
+        for rank in range(1, self.k + 1):
+            table.add_column(f"#{rank}")
+        for name, ranked in self.rows:
+            table.add_row(name, *[f"{label} {p:.1%}" for label, p in ranked])
+        Console(file=self.stream, width=max(100, 30 + 24 * self.k)).print(table)
+
+
+def _chunks(sources: Iterable[Source], size: int) -> Iterator[list[Source]]:
+    chunk: list[Source] = []
+    for source in sources:
+        chunk.append(source)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def predict_inputs(predictor: Predictor, inputs: Sequence[str], k: int, fmt: str, stdout: IO[str], stderr: IO[str],
+                   max_bytes: int = 20 * 2**20, timeout_s: float = 30.0) -> int:
+    """Predict every input, one stderr line per failure; returns the number of failures."""
+    failures = 0
+
+    def report(name: str, reason: str) -> None:
+        nonlocal failures
+        failures += 1
+        print(f"headstart predict: {name}: {reason}", file=stderr)
+
+    writer = _Writer(fmt, k, stdout)
+    for chunk in _chunks(expand_inputs(inputs, max_bytes, timeout_s, report), CHUNK):
+        names, images = [], []
+        for source in chunk:
+            try:
+                images.append(source.load())
+                names.append(source.name)
+            except (ImageError, FetchError, OSError) as exc:
+                report(source.name, str(exc))
+        if images:
+            for name, probs in zip(names, predictor.predict(images), strict=True):
+                writer.add(name, top_k(probs, predictor.classes, k))
+    writer.close()
+    return failures
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: exit 0 when every input was predicted, 1 when any failed."""
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    predictor = load_predictor(args.model)
+    k = min(args.top_k, len(predictor.classes))
+    failures = predict_inputs(predictor, args.inputs, k, args.format, sys.stdout, sys.stderr,
+                              max_bytes=args.max_bytes, timeout_s=args.timeout)
+    return 1 if failures else 0
