@@ -42,7 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tasks.backbones import Backbone, build_feature_extractor, load_backbone
 from tasks.datasets import image_dataset, resizing_layer
-from tasks.files import atomic_directory, atomic_path, atomic_write_json, sha256_file
+from tasks.files import atomic_directory, atomic_path, atomic_write_json, atomic_write_text, sha256_file
 from tasks.layout import Layout
 from tasks.params import FeaturesParams, Params
 
@@ -56,6 +56,7 @@ MAX_ROTATION_RAD = np.deg2rad(10.0)
 MIN_CROP_SCALE = 0.8
 GATHER_ROWS = 2048  # rows assembled and written at a time
 OPEN_SHARDS = 8  # shards kept in memory while assembling
+STALE_TEMP_S = 3600  # a temp file this old was left by a killed run
 
 
 class FeaturesError(ValueError):
@@ -125,7 +126,7 @@ class ShardCache:
         self.dir = root / hashlib.sha256(namespace.encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         if not (self.dir / "namespace.txt").exists():
-            (self.dir / "namespace.txt").write_text(namespace + "\n")  # for people browsing the cache
+            atomic_write_text(self.dir / "namespace.txt", namespace + "\n")  # for people browsing the cache
         self.shards: dict[str, dict[str, Any]] = {}  # shard file name -> {"size", "keys"}
         self.location: dict[str, tuple[str, int]] = {}  # key -> (shard, row)
         self.dropped = 0
@@ -142,6 +143,9 @@ class ShardCache:
         except (OSError, ValueError, KeyError, TypeError):
             known = {}
         changed = False
+        for leftover in self.dir.glob(".*.tmp"):  # from killed runs; a live writer renames its file within seconds
+            if time.time() - leftover.stat().st_mtime > STALE_TEMP_S:
+                leftover.unlink(missing_ok=True)
         for path in sorted(self.dir.glob("*.npz")):
             size = path.stat().st_size
             entry = known.get(path.name)
@@ -286,7 +290,8 @@ class _Extractor:
     def __init__(self, backbone: Backbone) -> None:
         model = build_feature_extractor(backbone)
         spec = tf.TensorSpec([None, backbone.image_size, backbone.image_size, 3], tf.float32)
-        self.fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), input_signature=[spec])
+        self.fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), input_signature=[spec],
+                              autograph=False)
 
     def __call__(self, batch: tf.Tensor) -> np.ndarray:
         return self.fn(batch).numpy()
