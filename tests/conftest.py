@@ -71,3 +71,24 @@ def photos() -> dict[str, Path]:
         if (skimage_dir / name).exists():
             found[Path(name).stem] = skimage_dir / name
     return found
+
+
+@pytest.fixture(scope="session")
+def trained_tree(tmp_path_factory, fashion_arrays):
+    """A project trained through finetune on real images (evaluate/export/predict tests; built once)."""
+    from tests.model_fixture import build_trained_tree
+
+    images, labels = fashion_arrays
+    return build_trained_tree(tmp_path_factory.mktemp("trained"), images, labels)
+
+
+@pytest.fixture(scope="session")
+def exported_tree(trained_tree):
+    """`trained_tree` after the real evaluate and export stages (built once)."""
+    from tasks import evaluate, export
+    from tests.model_fixture import trained_params
+
+    params = trained_params(trained_tree.root)
+    evaluate.run(params, trained_tree)
+    export.run(params, trained_tree)
+    return trained_tree

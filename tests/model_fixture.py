@@ -1,0 +1,36 @@
+"""A really trained project tree for the evaluate / export / predict tests.
+
+Real Fashion-MNIST images of four easily confused classes go through the real download, split,
+features, train_head and finetune stages (packaged ImageNet MobileNetV2 at 32 px, one fine-tuning
+epoch). Confusable classes keep test accuracy below 100%, so the misclassification gallery and the
+quality gate have something to show.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tasks import download, features, finetune, split, train_head
+from tasks.layout import Layout
+from tasks.params import Params
+from tests.conftest import write_class_folders
+from tests.stage_inputs import make_params
+
+CLASS_IDS = (0, 2, 4, 6)  # t-shirt, pullover, coat, shirt
+PER_CLASS = 40
+
+
+def trained_params(root: Path) -> Params:
+    return make_params(root)
+
+
+def build_trained_tree(root: Path, images: np.ndarray, labels: np.ndarray) -> Layout:
+    """Run every stage up to finetune under `root` and return its layout."""
+    keep = np.isin(labels, CLASS_IDS)
+    write_class_folders(root / "source", images[keep], labels[keep], per_class=PER_CLASS)
+    params, layout = trained_params(root), Layout(root)
+    for stage in (download, split, features, train_head, finetune):
+        stage.run(params, layout)
+    return layout

@@ -1,0 +1,163 @@
+"""evaluate stage on a really trained model: numbers cross-checked against scikit-learn, reports, gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, top_k_accuracy_score
+
+from tasks import cli, evaluate
+from tasks.datasets import image_dataset
+from tasks.layout import Layout
+from tests.model_fixture import trained_params
+
+
+def _recomputed(layout: Layout) -> dict[str, dict[str, np.ndarray]]:
+    """Predictions made here, independently of the stage: head on cached features, classifier on images."""
+    info = json.loads((layout.finetune_dir / "info.json").read_text())
+    classes = info["classes"]
+    manifest = pd.read_csv(layout.split_manifest)
+    head = keras.models.load_model(layout.head_dir / "head.keras", safe_mode=True)
+    model = keras.models.load_model(layout.finetune_dir / "model.keras", safe_mode=True)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for split in ("test", "val"):
+        with np.load(layout.features_dir / f"{split}.npz") as cached:
+            features, head_labels = cached["features"], cached["labels"]
+        rows = manifest[manifest["split"] == split]
+        images = image_dataset([str(layout.root / p) for p in rows["path"]], None, info["image_size"], 8)
+        out[split] = {
+            "head_probs": head.predict(features, verbose=0), "head_labels": head_labels,
+            "probs": model.predict(images, verbose=0), "labels": rows["label"].map(classes.index).to_numpy(),
+        }
+    return out
+
+
+def _sklearn_scores(labels: np.ndarray, probs: np.ndarray, k: int) -> dict[str, float]:
+    predicted = probs.argmax(1)
+    everyone = np.arange(probs.shape[1])
+    return {
+        "accuracy": float(np.mean(predicted == labels)),
+        "top_k_accuracy": top_k_accuracy_score(labels, probs, k=k, labels=everyone),
+        "macro_f1": f1_score(labels, predicted, average="macro"),
+        "weighted_f1": f1_score(labels, predicted, average="weighted"),
+        "log_loss": log_loss(labels, probs / probs.sum(1, keepdims=True), labels=everyone),
+    }
+
+
+def test_metrics_match_sklearn_on_independent_predictions(exported_tree):
+    metrics = json.loads(exported_tree.metrics_file.read_text())
+    k = metrics["top_k"]
+    assert k == 3
+    for split, predictions in _recomputed(exported_tree).items():
+        final = _sklearn_scores(predictions["labels"], predictions["probs"], k)
+        head = _sklearn_scores(predictions["head_labels"], predictions["head_probs"], k)
+        for key, value in final.items():
+            assert metrics[split][key] == pytest.approx(value, abs=1e-5), (split, key)
+        for key, value in head.items():
+            assert metrics["head"][split][key] == pytest.approx(value, abs=1e-5), ("head", split, key)
+        assert metrics[split]["images"] == len(predictions["labels"])
+
+
+def test_per_class_report_and_confusion_data_match_sklearn(exported_tree):
+    classes = json.loads((exported_tree.finetune_dir / "info.json").read_text())["classes"]
+    test = _recomputed(exported_tree)["test"]
+    predicted = test["probs"].argmax(1)
+    expected = classification_report(test["labels"], predicted, labels=range(len(classes)), target_names=classes,
+                                     output_dict=True, zero_division=0)
+    report = pd.read_csv(exported_tree.reports_dir / "classification_report.csv")
+    assert list(report["class"]) == classes
+    for name, row in report.set_index("class").iterrows():
+        assert row["precision"] == pytest.approx(expected[name]["precision"])
+        assert row["recall"] == pytest.approx(expected[name]["recall"])
+        assert row["f1"] == pytest.approx(expected[name]["f1-score"])
+        assert row["support"] == expected[name]["support"]
+
+    pairs = pd.read_csv(exported_tree.reports_dir / "confusion.csv")
+    assert list(pairs.columns) == ["actual", "predicted"]
+    matrix = confusion_matrix(pairs["actual"], pairs["predicted"], labels=classes)
+    np.testing.assert_array_equal(matrix, confusion_matrix(test["labels"], predicted, labels=range(len(classes))))
+
+
+def test_figures_and_readable_report(exported_tree):
+    figures = exported_tree.reports_dir / "figures"
+    for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png"):
+        with Image.open(figures / name) as image:
+            assert image.format == "PNG" and min(image.size) > 200, name
+    text = (exported_tree.reports_dir / "evaluation.md").read_text()
+    metrics = json.loads(exported_tree.metrics_file.read_text())
+    assert f"{metrics['test']['accuracy']:.4f}" in text
+    classes = json.loads((exported_tree.finetune_dir / "info.json").read_text())["classes"]
+    assert all(f"| {name} |" in text for name in classes)
+    wrong = round((1 - metrics["test"]["accuracy"]) * metrics["test"]["images"])
+    gallery_rows = [line for line in text.split("## Most confident mistakes")[1].splitlines() if line.startswith("| data/")]
+    assert len(gallery_rows) == min(wrong, trained_params(exported_tree.root).evaluate.gallery_size)
+
+
+@pytest.fixture
+def tree_copy(trained_tree, tmp_path) -> Layout:
+    """A private copy of the trained tree that a test may damage."""
+    target = tmp_path / "copy"
+    shutil.copytree(trained_tree.root, target, ignore=shutil.ignore_patterns("cache", "backbone", "export"))
+    return Layout(target)
+
+
+def test_quality_gate_fails_the_stage_with_a_clear_message(exported_tree, tree_copy, tmp_path, capsys):
+    accuracy = json.loads(exported_tree.metrics_file.read_text())["test"]["accuracy"]
+    assert accuracy < 1.0  # the fixture's confusable classes keep a failing threshold possible
+    args = ["evaluate", "--params", str(tmp_path / "absent.yaml"), "--root", str(tree_copy.root)]
+    assert cli.main([*args, "--set", f"evaluate.assert_min_accuracy={accuracy}"]) == 0
+    assert cli.main([*args, "--set", f"evaluate.assert_min_accuracy={accuracy + 0.001:.6f}"]) == 2
+    error = capsys.readouterr().err
+    assert f"test accuracy {accuracy:.4f} is below evaluate.assert_min_accuracy=" in error
+    assert "FAILED" in (tree_copy.reports_dir / "evaluation.md").read_text()
+
+
+def _params(layout: Layout):
+    return trained_params(layout.root)
+
+
+def test_missing_model_names_the_stage_to_run(tree_copy):
+    (tree_copy.finetune_dir / "model.keras").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.keras not found: run `headstart finetune` first"):
+        evaluate.run(_params(tree_copy), tree_copy)
+
+
+def test_class_list_mismatch_is_refused(tree_copy):
+    info_path = tree_copy.finetune_dir / "info.json"
+    info = json.loads(info_path.read_text())
+    info["classes"] = info["classes"][::-1]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(evaluate.EvaluateError, match="rerun train_head and finetune"):
+        evaluate.run(_params(tree_copy), tree_copy)
+
+
+def test_manifest_label_unknown_to_the_model_is_refused(tree_copy):
+    manifest = pd.read_csv(tree_copy.split_manifest)
+    manifest.loc[0, "label"] = "sock"
+    manifest.to_csv(tree_copy.split_manifest, index=False)
+    with pytest.raises(evaluate.EvaluateError, match=r"labels \['sock'\] that the model does not know"):
+        evaluate.run(_params(tree_copy), tree_copy)
+
+
+def test_stale_features_are_refused(tree_copy):
+    manifest = pd.read_csv(tree_copy.split_manifest)
+    test_rows = manifest.index[manifest["split"] == "test"]
+    manifest.loc[test_rows[0], "split"] = "train"
+    manifest.to_csv(tree_copy.split_manifest, index=False)
+    with pytest.raises(evaluate.EvaluateError, match=r"test\.npz does not hold the test split"):
+        evaluate.run(_params(tree_copy), tree_copy)
+
+
+def test_empty_test_split_is_refused(tree_copy):
+    manifest = pd.read_csv(tree_copy.split_manifest)
+    manifest.loc[manifest["split"] == "test", "split"] = "train"
+    manifest.to_csv(tree_copy.split_manifest, index=False)
+    with pytest.raises(evaluate.EvaluateError, match=r"no test images: set split\.test > 0"):
+        evaluate.run(_params(tree_copy), tree_copy)
