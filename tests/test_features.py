@@ -291,3 +291,22 @@ def test_missing_or_changed_image_is_named(tmp_path, project, fashion_arrays):
     changed.unlink()
     with pytest.raises(FileNotFoundError, match=rf"{changed}: listed in the split manifest but missing"):
         features.run(_params(tmp_path), layout)
+
+
+def test_index_is_rebuilt_from_shards_and_stale_temp_files_go(tmp_path, project):
+    layout, add = project
+    add(20)
+    _run(tmp_path, layout)
+    (namespace,) = [p for p in layout.feature_cache_dir.iterdir() if p.is_dir()]
+    (namespace / "index.json").write_text("{not json")
+    stale, fresh = namespace / ".a.npz.x1.tmp", namespace / ".b.npz.x2.tmp"
+    stale.write_bytes(b"half a shard")
+    fresh.write_bytes(b"a shard being written now")
+    old = time.time() - 2 * features.STALE_TEMP_S
+    os.utime(stale, (old, old))
+
+    stats = _run(tmp_path, layout)
+    assert (stats["computed"], stats["reused"]) == (0, 20)
+    index = json.loads((namespace / "index.json").read_text())
+    assert sorted(index["shards"]) == sorted(p.name for p in namespace.glob("*.npz"))
+    assert not stale.exists() and fresh.exists()
