@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 from dvclive import Live
+from dvclive.utils import standardize_metric_name
 
 from tasks.backbones import Backbone, load_backbone, resolve_unfreeze_index
 from tasks.datasets import image_dataset
@@ -46,6 +47,8 @@ from tasks.params import FinetuneParams, Params
 from tasks.train_head import class_weights, live_dir, read_features_info
 
 log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 
 
 class FinetuneError(ValueError):
@@ -120,9 +123,13 @@ def _rows(manifest: pd.DataFrame, split: str, classes: list[str], layout: Layout
 
 
 def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
-    """Hash of everything the fine-tuned weights depend on; a checkpoint under another key is never resumed."""
+    """Hash of everything the fine-tuned weights depend on; a checkpoint under another key is never resumed.
+
+    `epochs` is left out: the weights after epoch k do not depend on how many epochs were planned,
+    so raising finetune.epochs continues a finished run instead of starting again.
+    """
     inputs = {
-        "finetune": params.finetune.model_dump(exclude={"enabled"}),
+        "finetune": params.finetune.model_dump(exclude={"enabled", "epochs"}),
         "features": params.features.model_dump(include={"backbone", "weights", "image_size"}),
         "class_weight": params.train_head.class_weight,
         "weights_id": weights_id,
@@ -144,10 +151,14 @@ def training_dataset(
     ds = image_dataset([paths[i] for i in order], labels[order], backbone.image_size, ft.batch_size,
                        backbone.spec.interpolation)
     augment = build_augmentation(ft.augmentation, seed=ft.seed * 1000 + epoch * 10)
-    if augment is not None:
-        # sequential map: the layers' random state advances batch by batch, in order
-        ds = ds.map(lambda images, y: (augment(images, training=True), y)).prefetch(tf.data.AUTOTUNE)
-    return ds
+    if augment is None:
+        return ds
+
+    def augmented(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return augment(images, training=True), labels
+
+    # sequential map: the layers' random state advances batch by batch, in order
+    return ds.map(augmented).prefetch(tf.data.AUTOTUNE)
 
 
 def _distribution_options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -231,17 +242,52 @@ def _evaluate(model: keras.Model, val_ds: tf.data.Dataset) -> dict[str, float]:
 def _write_outputs(target: Path, model: keras.Model, info: dict[str, Any], history: list[dict[str, Any]]) -> None:
     with atomic_directory(target) as staging:
         model.save(staging / "model.keras")
-        pd.DataFrame(history).to_csv(staging / "history.csv", index=False)
+        pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(staging / "history.csv", index=False)
         (staging / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _log_live(live: Live, history: list[dict[str, Any]]) -> None:
-    """dvclive step 0 is the head-only model, step k the k-th fine-tuning epoch."""
+    """dvclive step 0 is the head-only model, step k the k-th fine-tuning epoch (names as dvclive's Keras callback)."""
     for entry in history:
         for name, value in entry.items():
             if name not in ("epoch", "seconds"):
-                live.log_metric(name, value)
+                live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
         live.next_step()
+
+
+def train_epochs(
+    model: keras.Model,
+    backbone: Backbone,
+    ft: FinetuneParams,
+    state: dict[str, Any],
+    checkpoints: Checkpoints,
+    live: Live,
+    train: tuple[list[str], np.ndarray],
+    val_ds: tf.data.Dataset,
+    weights: dict[int, float] | None,
+) -> None:
+    """Train from the state's next epoch, checkpointing each one; early stopping on validation loss."""
+    for epoch in range(state["epochs_done"], ft.epochs):
+        if state["stopped"]:
+            break
+        reseed(model, ft.seed * 1000 + epoch)
+        train_ds = _distribution_options(training_dataset(*train, epoch, backbone, ft))
+        started = time.perf_counter()
+        fit = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
+                        class_weight=weights, shuffle=False, verbose=0)
+        entry = {"epoch": epoch + 1, **{k: float(v[-1]) for k, v in fit.history.items()},
+                 "seconds": time.perf_counter() - started}
+        improved = entry["val_loss"] < state["best_val_loss"]
+        state["history"].append(entry)
+        state["epochs_done"] = epoch + 1
+        state["wait"] = 0 if improved else state["wait"] + 1
+        if improved:
+            state["best_val_loss"], state["best_epoch"] = entry["val_loss"], epoch + 1
+        state["stopped"] = 0 < ft.early_stopping_patience <= state["wait"]  # patience 0: never stop early
+        checkpoints.save(model, state, best_improved=improved)
+        _log_live(live, [entry])
+        log.info("finetune: epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f (%.1f s)", epoch + 1,
+                 ft.epochs, entry["loss"], entry["accuracy"], entry["val_loss"], entry["val_accuracy"], entry["seconds"])
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
@@ -286,6 +332,11 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     key = checkpoint_key(params, layout, backbone.weights_id)
     checkpoints = Checkpoints((scratch or layout.checkpoint_dir) / key)
     state = checkpoints.load() if ft.enabled else None
+    if state is not None and state["epochs_done"] > ft.epochs:
+        log.info("finetune: checkpoint %s ran %d epochs, more than the %d asked: starting again", checkpoints.folder,
+                 state["epochs_done"], ft.epochs)
+        state = None
+    resumed_from = state["epochs_done"] if state else 0
     if state is None:
         baseline = {"epoch": 0, **_evaluate(model, val_ds)}
         state = {"epochs_done": 0, "history": [baseline], "best_val_loss": baseline["val_loss"], "best_epoch": 0,
@@ -303,37 +354,16 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 
     live = Live(str(live_dir(layout, "finetune") if chief else scratch / "live"), dvcyaml=None, save_dvc_exp=False)
     _log_live(live, state["history"])
-    patience = ft.early_stopping_patience or ft.epochs
-    if True:
-        for epoch in range(state["epochs_done"], ft.epochs if ft.enabled else 0):
-            if state["stopped"]:
-                break
-            reseed(model, ft.seed * 1000 + epoch)
-            train_ds = _distribution_options(training_dataset(train_paths, train_labels, epoch, backbone, ft))
-            started = time.perf_counter()
-            fit = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
-                            class_weight=weights, shuffle=False, verbose=0)
-            entry = {"epoch": epoch + 1, **{k: float(v[-1]) for k, v in fit.history.items()},
-                     "seconds": time.perf_counter() - started}
-            improved = entry["val_loss"] < state["best_val_loss"]
-            state["history"].append(entry)
-            state["epochs_done"] = epoch + 1
-            state["wait"] = 0 if improved else state["wait"] + 1
-            if improved:
-                state["best_val_loss"], state["best_epoch"] = entry["val_loss"], epoch + 1
-            state["stopped"] = state["wait"] >= patience
-            checkpoints.save(model, state, best_improved=improved)
-            _log_live(live, [entry])
-            log.info("finetune: epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f (%.1f s)", epoch + 1,
-                     ft.epochs, entry["loss"], entry["accuracy"], entry["val_loss"], entry["val_accuracy"], entry["seconds"])
     if ft.enabled:
+        train_epochs(model, backbone, ft, state, checkpoints, live, (train_paths, train_labels), val_ds, weights)
         checkpoints.restore(model, state["best"])
 
     history = state["history"]
     best = history[state["best_epoch"]]
     epoch_seconds = [h["seconds"] for h in history[1:]]
     info = {
-        "fine_tuned": bool(ft.enabled and state["epochs_done"] > 0),
+        # false when disabled, or when no epoch beat the head-only model (which is then what is saved)
+        "fine_tuned": bool(ft.enabled and state["best_epoch"] > 0),
         "classes": classes,
         "image_size": backbone.image_size,
         "backbone": backbone.spec.name,
@@ -341,6 +371,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         "interpolation": backbone.spec.interpolation,
         "preprocessing_id": backbone.spec.preprocessing_id,
         "epochs_run": state["epochs_done"],
+        "resumed_from_epoch": resumed_from,
         "best_epoch": state["best_epoch"],
         "best_val_accuracy": best["val_accuracy"],
         "best_val_loss": best["val_loss"],
@@ -354,7 +385,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         **trainable,
         **runtime_info(),
     }
-    live.summary.update({f"best/{k}": info[k] for k in ("best_val_accuracy", "best_val_loss", "best_epoch")})
+    live.summary["restored_best"] = {"val_accuracy": info["best_val_accuracy"], "val_loss": info["best_val_loss"],
+                                     "best_epoch": info["best_epoch"]}
+    live.summary["seconds_per_epoch"] = info["seconds_per_epoch"]
     live.end()
     _write_outputs(scratch or layout.finetune_dir, model, info, history)
     if scratch is not None:

@@ -173,7 +173,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         "epochs_run": len(history.history["loss"]),
         "seconds_per_epoch": float(np.mean(timer.seconds)),
     }
-    live.summary.update({f"best/{k}": v for k, v in metrics.items()})
+    # the per-epoch curves end at the last epoch; the summary also records the restored best weights
+    live.summary["restored_best"] = {k: metrics[k] for k in ("val_loss", "val_accuracy", "val_macro_f1", "best_epoch")}
+    live.summary["seconds_per_epoch"] = metrics["seconds_per_epoch"]
     live.make_summary()
     log.info("train_head: %d epochs, val accuracy %.4f, %.3f s/epoch", metrics["epochs_run"], val_accuracy,
              metrics["seconds_per_epoch"])
