@@ -9,6 +9,7 @@ quality gate have something to show.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,8 +23,9 @@ CLASS_IDS = (0, 2, 4, 6)  # t-shirt, pullover, coat, shirt
 PER_CLASS = 40
 
 
-def trained_params(root: Path) -> Params:
-    return make_params(root)
+def trained_params(root: Path, **sections: dict[str, Any]) -> Params:
+    """The params the tree was built with, plus `sections` overrides (e.g. export={"formats": [...]})."""
+    return make_params(root, **sections)
 
 
 def build_trained_tree(root: Path, images: np.ndarray, labels: np.ndarray) -> Layout:
