@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -72,7 +73,7 @@ def logits(weights_dir: Path, references: dict[str, dict]) -> dict[str, dict[str
     crops = {}
     for entry in references["mobilenet_v2_tv"]["photos"]:
         pixels = center_crop_pixels(photo_path(entry["photo"], dirs))
-        assert sha256_file_bytes(pixels) == entry["pixels_sha256"], f"{entry['photo']}: crop differs from the fixture's"
+        assert pixels_sha256(pixels) == entry["pixels_sha256"], f"{entry['photo']}: crop differs from the fixture's"
         crops[entry["photo"]] = pixels
     batch = np.stack(list(crops.values())).astype("float32")
     result = {}
@@ -82,9 +83,7 @@ def logits(weights_dir: Path, references: dict[str, dict]) -> dict[str, dict[str
     return result
 
 
-def sha256_file_bytes(array: np.ndarray) -> str:
-    import hashlib
-
+def pixels_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(array.tobytes()).hexdigest()
 
 
