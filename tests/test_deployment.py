@@ -1,0 +1,175 @@
+"""prefect.yaml end to end: a real `prefect server start`, a process work pool, `prefect deploy`, a
+worker, a deployment run on real images, its outputs and artifact, and the nightly cron schedule."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from flows.pipeline import ARTIFACT_KEY
+from tasks.params import load_params
+from tests.conftest import REPO_ROOT, write_class_folders
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+POOL = "headstart-local"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a process and everything it started (each runs in its own session)."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+class Server:
+    def __init__(self, home: Path) -> None:
+        self.port = _free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        }
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen([str(BIN / "prefect"), *args], cwd=REPO_ROOT, env=self.env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        done = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO_ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        response = httpx.request(method, self.api + path, json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def log_tail(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            _stop(process)
+
+
+def _wait(what: str, check, timeout: float, every: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    server = Server(tmp_path / "prefect-home")
+    try:
+        process = server.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(server.port))
+
+        def healthy() -> bool:
+            assert process.poll() is None, f"prefect server exited:\n{server.log_tail('server')}"
+            try:
+                return httpx.get(server.api + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait("the Prefect server", healthy, timeout=180)
+        yield server
+    finally:
+        server.stop()
+
+
+def _next_cron_0200_utc(after: dt.datetime) -> dt.datetime:
+    candidate = after.replace(hour=2, minute=0, second=0, microsecond=0)
+    return candidate if candidate > after else candidate + dt.timedelta(days=1)
+
+
+def test_deploy_run_and_schedule(server: Server, tmp_path: Path, fashion_arrays) -> None:
+    pictures, labels = fashion_arrays
+    images = write_class_folders(tmp_path / "images", pictures[labels < 3], labels[labels < 3], per_class=12)
+    root = tmp_path / "run"
+
+    server.cli("work-pool", "create", POOL, "--type", "process")
+    server.cli("--no-prompt", "deploy", "--name", "quick", "--name", "nightly", timeout=180)
+    worker = server.start("worker", "worker", "start", "--pool", POOL, "--limit", "1")
+
+    quick = server.call("GET", "/deployments/name/headstart-pipeline/quick")
+    overrides = {**quick["parameters"]["overrides"], "download.source": str(images),
+                 "download.min_images_per_class": 5}
+    run = server.call("POST", f"/deployments/{quick['id']}/create_flow_run",
+                      {"parameters": {"overrides": overrides, "root": str(root), "stages": ["download", "split"]}})
+
+    def finished() -> dict[str, Any] | None:
+        assert worker.poll() is None, f"worker exited:\n{server.log_tail('worker')}"
+        state = server.call("GET", f"/flow_runs/{run['id']}")["state"]
+        return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+    state = _wait("the deployment run", finished, timeout=300, every=2)
+    assert state["type"] == "COMPLETED", f"{state}\n{server.log_tail('worker')}"
+
+    assert (root / "data" / "raw" / "manifest.csv").exists()
+    assert (root / "data" / "split" / "manifest.csv").exists()
+    artifacts = server.call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    [report] = [a for a in artifacts if a["key"] == ARTIFACT_KEY]
+    assert "| split | ran |" in report["data"]
+
+    nightly = server.call("GET", "/deployments/name/headstart-pipeline/nightly")
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+
+    def scheduled() -> list[dict[str, Any]]:
+        return server.call("POST", "/flow_runs/filter", {
+            "deployments": {"id": {"any_": [nightly["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            "sort": "EXPECTED_START_TIME_ASC",
+        })
+
+    upcoming = _wait("scheduled nightly runs", scheduled, timeout=120, every=2)
+    first = dt.datetime.fromisoformat(upcoming[0]["expected_start_time"].replace("Z", "+00:00"))
+    assert first == _next_cron_0200_utc(dt.datetime.now(dt.UTC))
+    assert len(upcoming) > 1
+
+
+def test_every_preset_is_valid() -> None:
+    """Each deployment's overrides pass the same validation a run applies."""
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    names = [d["name"] for d in config["deployments"]]
+    assert {"nightly", "quick", "gpu-full"} <= set(names)
+    for deployment in config["deployments"]:
+        assert deployment["entrypoint"] == "flows/pipeline.py:pipeline"
+        load_params(REPO_ROOT / "params.yaml", deployment["parameters"]["overrides"])
