@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import ARTIFACT_KEY, is_transient, pipeline
@@ -97,30 +98,27 @@ def test_keys_follow_content_not_paths(tmp_path: Path, images: Path) -> None:
     assert stage_key(specs["split"], params, first) != stage_key(specs["split"], params, second)
 
 
-def api_filter(what: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """POST /<what>/filter directly: 3.8.8's client methods send null paging fields (422), and with
-    every field set, artifacts/filter joins on task runs and misses flow-level artifacts."""
+def artifacts_of(flow_run_id: Any) -> list[Any]:
     with get_client(sync_client=True) as client:
-        return client.request("POST", f"/{what}/filter", json=body).json()
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
-def artifacts_of(flow_run_id: Any) -> list[dict[str, Any]]:
-    return api_filter("artifacts", {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}})
-
-
-def task_runs_of(flow_run_id: Any) -> dict[str, dict[str, Any]]:
-    runs = api_filter("task_runs", {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}})
-    return {run["name"]: run for run in runs}
+def task_runs_of(flow_run_id: Any) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
 
 
 def test_the_run_publishes_a_markdown_artifact(tmp_path: Path, images: Path) -> None:
     state = pipeline(overrides={**FAST, "download.source": str(images)}, root=str(tmp_path / "run"),
                      params_file=NO_FILE, stages=["download", "split"], return_state=True)
     assert state.is_completed()
-    [artifact] = [a for a in artifacts_of(state.state_details.flow_run_id) if a["key"] == ARTIFACT_KEY]
-    assert artifact["type"] == "markdown"
-    assert "| download | ran |" in artifact["data"] and "| split | ran |" in artifact["data"]
-    assert "evaluate stage has not run" in artifact["data"]
+    [artifact] = [a for a in artifacts_of(state.state_details.flow_run_id) if a.key == ARTIFACT_KEY]
+    assert artifact.type == "markdown"
+    assert "| download | ran |" in artifact.data and "| split | ran |" in artifact.data
+    assert "evaluate stage has not run" in artifact.data
 
 
 def test_bad_overrides_and_stage_names_fail_with_the_key(tmp_path: Path, images: Path) -> None:
@@ -174,7 +172,7 @@ def test_download_is_retried_with_backoff_after_transient_failures(tmp_path: Pat
                      stages=["download"], download_retries=3, retry_backoff_s=0.05, return_state=True)
     assert state.is_completed(), state
     assert handler.requests == 3
-    assert task_runs_of(state.state_details.flow_run_id)["download"]["run_count"] == 3
+    assert task_runs_of(state.state_details.flow_run_id)["download"].run_count == 3
     assert (tmp_path / "run" / "data" / "raw" / "manifest.csv").exists()
 
 
@@ -183,8 +181,8 @@ def test_bad_input_is_not_retried(tmp_path: Path) -> None:
                      params_file=NO_FILE, stages=["download"], download_retries=3,
                      retry_backoff_s=30, return_state=True)
     assert state.is_failed()
-    assert "no-such-folder" in task_runs_of(state.state_details.flow_run_id)["download"]["state"]["message"]
-    assert task_runs_of(state.state_details.flow_run_id)["download"]["run_count"] == 1
+    assert "no-such-folder" in task_runs_of(state.state_details.flow_run_id)["download"].state.message
+    assert task_runs_of(state.state_details.flow_run_id)["download"].run_count == 1
 
 
 def test_transient_errors_are_told_apart_from_bad_input() -> None:
