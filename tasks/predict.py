@@ -42,6 +42,10 @@ class FetchError(ValueError):
     """A URL that could not be downloaded within the limits; the message says why."""
 
 
+class InputError(ValueError):
+    """A command-line input that names nothing predict can read."""
+
+
 def read_labels(model_path: Path) -> list[str]:
     """Class names from labels.txt beside the model (for a SavedModel directory: inside it or beside it)."""
     candidates = [model_path / LABELS_FILE] if model_path.is_dir() else []
@@ -213,9 +217,18 @@ def is_url(text: str) -> bool:
     return len(scheme) > 1 and not Path(text).exists()
 
 
-def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float,
-                  report: Callable[[str, str], None]) -> Iterator[Source]:
-    """Files as given, folders walked recursively (image file names only), URLs fetched lazily."""
+def _unusable(reason: str) -> Callable[[], np.ndarray]:
+    def fail() -> np.ndarray:
+        raise InputError(reason)
+
+    return fail
+
+
+def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float) -> Iterator[Source]:
+    """Files as given, folders walked recursively (image file names only), URLs fetched lazily.
+
+    Inputs that cannot be used become sources that fail when loaded, so errors come out in input order.
+    """
     for text in inputs:
         if is_url(text):
             yield Source(text, lambda url=text: load_rgb(fetch_url(url, max_bytes, timeout_s)))
@@ -224,13 +237,13 @@ def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float,
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and is_candidate_image(p))
             if not found:
-                report(text, "folder holds no image files")
+                yield Source(text, _unusable("folder holds no image files"))
             for image in found:
                 yield Source(str(image), lambda p=image: load_rgb(p))
         elif path.exists():
             yield Source(text, lambda p=path: load_rgb(p))
         else:
-            report(text, "no such file or folder")
+            yield Source(text, _unusable("no such file or folder"))
 
 
 # ---------------------------------------------------------------- output
@@ -296,13 +309,13 @@ def predict_inputs(predictor: Predictor, inputs: Sequence[str], k: int, fmt: str
         print(f"headstart predict: {name}: {reason}", file=stderr)
 
     writer = _Writer(fmt, k, stdout)
-    for chunk in _chunks(expand_inputs(inputs, max_bytes, timeout_s, report), CHUNK):
+    for chunk in _chunks(expand_inputs(inputs, max_bytes, timeout_s), CHUNK):
         names, images = [], []
         for source in chunk:
             try:
                 images.append(source.load())
                 names.append(source.name)
-            except (ImageError, FetchError, OSError) as exc:
+            except (ImageError, FetchError, InputError, OSError) as exc:
                 report(source.name, str(exc))
         if images:
             for name, probs in zip(names, predictor.predict(images), strict=True):
