@@ -118,6 +118,14 @@ def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return keys, features
 
 
+def _stat(path: Path, field: str, missing: float) -> float:
+    """A stat field, or `missing` when a concurrent run removed or renamed the file since it was listed."""
+    try:
+        return getattr(path.stat(), field)
+    except FileNotFoundError:
+        return missing
+
+
 class ShardCache:
     """One namespace of the content-addressed feature cache."""
 
@@ -144,10 +152,12 @@ class ShardCache:
             known = {}
         changed = False
         for leftover in self.dir.glob(".*.tmp"):  # from killed runs; a live writer renames its file within seconds
-            if time.time() - leftover.stat().st_mtime > STALE_TEMP_S:
+            if time.time() - _stat(leftover, "st_mtime", time.time()) > STALE_TEMP_S:
                 leftover.unlink(missing_ok=True)
         for path in sorted(self.dir.glob("*.npz")):
-            size = path.stat().st_size
+            size = _stat(path, "st_size", -1)
+            if size < 0:  # dropped by a concurrent run since the listing
+                continue
             entry = known.get(path.name)
             if not (isinstance(entry, dict) and entry.get("size") == size and isinstance(entry.get("keys"), list)):
                 try:
@@ -364,9 +374,59 @@ def _load_backbone(params: FeaturesParams, layout: Layout, mixed_precision: bool
         keras.mixed_precision.set_global_policy(previous)
 
 
+def _plan(manifest: pd.DataFrame, layout: Layout, p: FeaturesParams, base: ShardCache,
+          views: ShardCache | None) -> list[_Job]:
+    """What is not in the cache yet: base vectors of every image, then augmented views of train images."""
+    # train first, so a first run's shards hold each split's rows together
+    unique = manifest.sort_values("split_order", kind="stable").drop_duplicates("sha256")
+    base.verify(unique["sha256"])
+    todo = unique.set_index("sha256").loc[base.missing(unique["sha256"])]
+    jobs = [_Job(base, todo.index.tolist(), [str(layout.root / x) for x in todo["path"]], todo.index.tolist(), None,
+                 "features")]
+    if views is not None:
+        train = manifest.loc[manifest["split"] == "train"].drop_duplicates("sha256")
+        wanted = [(sha, path, v) for sha, path in zip(train["sha256"], train["path"], strict=True)
+                  for v in range(p.augmented_views)]
+        views.verify(view_key(sha, v) for sha, _, v in wanted)
+        absent = set(views.missing(view_key(sha, v) for sha, _, v in wanted))
+        wanted = [w for w in wanted if view_key(w[0], w[2]) in absent]
+        jobs.append(_Job(views, [view_key(sha, v) for sha, _, v in wanted], [str(layout.root / x) for _, x, _ in wanted],
+                         [sha for sha, _, _ in wanted], [view_seed(sha, v, p.augment_seed) for sha, _, v in wanted],
+                         "augmented views"))
+    return jobs
+
+
+def _write_outputs(out: Path, manifest: pd.DataFrame, backbone: Backbone, info: dict[str, Any], base: ShardCache,
+                   views: ShardCache | None, augmented_views: int) -> None:
+    dim = backbone.feature_dim
+    for split in SPLITS:
+        rows = manifest.loc[manifest["split"] == split]
+        write_npz_streaming(out / f"{split}.npz", len(rows), dim, base.gather(rows["sha256"].tolist(), dim),
+                            labels=rows["label_index"].to_numpy(np.int32), sha256=rows["sha256"].to_numpy(str),
+                            path=rows["path"].to_numpy(str))
+    if views is not None:
+        train, v = manifest.loc[manifest["split"] == "train"], augmented_views
+        keys = [view_key(sha, i) for sha in train["sha256"] for i in range(v)]
+        write_npz_streaming(out / "train_views.npz", len(keys), dim, views.gather(keys, dim),
+                            labels=np.repeat(train["label_index"].to_numpy(np.int32), v),
+                            sha256=np.repeat(train["sha256"].to_numpy(str), v),
+                            path=np.repeat(train["path"].to_numpy(str), v),
+                            view=np.tile(np.arange(v, dtype=np.int32), len(train)))
+    atomic_write_json(out / "info.json", info)
+
+
 def run(params: Params, layout: Layout) -> dict[str, Any]:
-    """Compute the missing feature vectors, then write the per-split arrays. Returns counts and speed."""
+    """Compute the missing feature vectors, then write the per-split arrays. Returns counts, speed and timings."""
     p = params.features
+    clock = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
     manifest = read_manifest(layout.split_manifest)
     classes = sorted(manifest["label"].unique())
     manifest["label_index"] = manifest["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int32)
@@ -379,73 +439,46 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     backbone = _load_backbone(p, layout, mixed_precision)
     namespace = _namespace(backbone, mixed_precision)
     log.info("features: cache namespace %s, running on %s", namespace, "GPU" if gpus else "CPU")
+    lap("backbone")
 
-    # train first, so a first run's shards hold each split's rows together
-    by_split = manifest.sort_values("split_order", kind="stable")
-    unique = by_split.drop_duplicates("sha256")
     base = ShardCache(layout.feature_cache_dir, namespace)
-    base.verify(unique["sha256"])
-    todo = unique.set_index("sha256").loc[base.missing(unique["sha256"])]
-    jobs = [_Job(base, todo.index.tolist(), [str(layout.root / x) for x in todo["path"]], todo.index.tolist(), None,
-                 "features")]
-
     views = None
-    train = manifest.loc[manifest["split"] == "train"]
     if p.augmented_views:
         views = ShardCache(layout.feature_cache_dir, f"{namespace}|views:{AUGMENT_ID}|seed={p.augment_seed}")
-        train_unique = train.drop_duplicates("sha256")
-        wanted = [(sha, path, v) for sha, path in zip(train_unique["sha256"], train_unique["path"], strict=True)
-                  for v in range(p.augmented_views)]
-        views.verify(view_key(sha, v) for sha, _, v in wanted)
-        absent = set(views.missing(view_key(sha, v) for sha, _, v in wanted))
-        wanted = [w for w in wanted if view_key(w[0], w[2]) in absent]
-        jobs.append(_Job(views, [view_key(sha, v) for sha, _, v in wanted], [str(layout.root / x) for _, x, _ in wanted],
-                         [sha for sha, _, _ in wanted], [view_seed(sha, v, p.augment_seed) for sha, _, v in wanted],
-                         "augmented views"))
+    jobs = _plan(manifest, layout, p, base, views)
     _check_files({(path, sha) for job in jobs for path, sha in zip(job.paths, job.shas, strict=True)})
+    lap("plan")
 
-    computed = {"features": 0, "augmented views": 0}
-    start = time.perf_counter()
+    computed = {job.description: 0 for job in jobs}
     if any(job.keys for job in jobs):
         extract = _Extractor(backbone)
         with _progress() as progress:
             for job in jobs:
                 if job.keys:
                     computed[job.description] = _compute(job, extract, backbone, p, progress)
-    compute_s = time.perf_counter() - start
+    lap("compute")
 
-    dim = backbone.feature_dim
+    info = {"classes": classes, "backbone": backbone.spec.name, "weights_id": backbone.weights_id,
+            "image_size": backbone.image_size, "feature_dim": backbone.feature_dim,
+            "preprocessing_id": backbone.spec.preprocessing_id, "augmented_views": p.augmented_views,
+            "cache_id": namespace}
     layout.features_dir.parent.mkdir(parents=True, exist_ok=True)
     # two runs at once each build their own staging folder; the lock serialises the swap into place
     with FileLock(layout.features_dir.parent / ".features.lock"), atomic_directory(layout.features_dir) as out:
-        for split in SPLITS:
-            rows = manifest.loc[manifest["split"] == split]
-            write_npz_streaming(out / f"{split}.npz", len(rows), dim, base.gather(rows["sha256"].tolist(), dim),
-                                labels=rows["label_index"].to_numpy(np.int32), sha256=rows["sha256"].to_numpy(str),
-                                path=rows["path"].to_numpy(str))
-        if views is not None:
-            v = p.augmented_views
-            keys = [view_key(sha, i) for sha in train["sha256"] for i in range(v)]
-            write_npz_streaming(out / "train_views.npz", len(keys), dim, views.gather(keys, dim),
-                                labels=np.repeat(train["label_index"].to_numpy(np.int32), v),
-                                sha256=np.repeat(train["sha256"].to_numpy(str), v),
-                                path=np.repeat(train["path"].to_numpy(str), v),
-                                view=np.tile(np.arange(v, dtype=np.int32), len(train)))
-        atomic_write_json(out / "info.json", {
-            "classes": classes, "backbone": backbone.spec.name, "weights_id": backbone.weights_id,
-            "image_size": backbone.image_size, "feature_dim": dim, "preprocessing_id": backbone.spec.preprocessing_id,
-            "augmented_views": p.augmented_views, "cache_id": namespace,
-        })
+        _write_outputs(out, manifest, backbone, info, base, views, p.augmented_views)
+    lap("write")
 
-    total_computed = computed["features"] + computed["augmented views"]
+    n_unique = manifest["sha256"].nunique()
+    n_views = manifest.loc[manifest["split"] == "train", "sha256"].nunique() * p.augmented_views
+    total = sum(computed.values())
     stats = {
         "computed": computed["features"],
-        "reused": len(unique) - computed["features"],
-        "views_computed": computed["augmented views"],
-        "views_reused": (len(train.drop_duplicates("sha256")) * p.augmented_views - computed["augmented views"]),
+        "reused": n_unique - computed["features"],
+        "views_computed": computed.get("augmented views", 0),
+        "views_reused": n_views - computed.get("augmented views", 0),
         "dropped_shards": base.dropped + (views.dropped if views else 0),
-        "compute_s": round(compute_s, 3),
-        "images_per_s": round(total_computed / compute_s, 1) if total_computed else None,
+        "images_per_s": round(total / timings["compute"], 1) if total else None,
+        "timings_s": timings,
         "rows": {split: int((manifest["split"] == split).sum()) for split in SPLITS},
     }
     log.info("features: %s", json.dumps(stats))
