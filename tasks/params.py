@@ -131,15 +131,15 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    formats: list[Literal["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"]] = [
-        "keras",
-        "saved_model",
-        "tflite_float32",
-        "tflite_float16",
-        "tflite_int8",
-    ]
-    representative_samples: int = Field(200, ge=1)
-    min_float_agreement: float = Field(0.99, ge=0, le=1)
+    formats: list[Literal["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"]] = Field(
+        ["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"],
+        min_length=1,
+        description="Formats written to models/export; `headstart predict` reads any of them.",
+    )
+    representative_samples: int = Field(200, ge=1, description="Train images that calibrate the int8 TFLite model.")
+    min_float_agreement: float = Field(
+        0.99, ge=0, le=1, description="Fail export when a float format's top-1 agrees with Keras on fewer test images."
+    )
 
 
 class Params(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import keras
@@ -18,6 +19,7 @@ from tasks.datasets import image_dataset
 from tasks.images import load_rgb
 from tasks.layout import Layout
 from tasks.model import all_layers
+from tasks.params import ParamsError, validate_params
 from tests.model_fixture import trained_params
 
 
@@ -132,3 +134,12 @@ def test_subset_of_formats(trained_tree, tmp_path):
         "labels.txt", "model.keras", "model_card.json", "model_float32.tflite"]
     assert parity["tflite_float32"]["agreement"] >= 0.99
     assert not list(target.glob(".export.*"))
+
+
+@pytest.mark.parametrize(
+    ("formats", "message"),
+    [([], "export.formats' has value []"), (["keras", "onnx"], "export.formats.1' has value 'onnx'")],
+)
+def test_bad_export_formats_are_named(formats, message):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        validate_params({"export": {"formats": formats}})
