@@ -78,7 +78,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, top_k: int) ->
         precision, recall, f1, _ = precision_recall_fscore_support(
             labels, predicted, labels=everyone, average=average, zero_division=0
         )
-        result.update({f"{average}_precision": float(precision), f"{average}_recall": float(recall), f"{average}_f1": float(f1)})
+        result.update({f"{average}_precision": float(precision), f"{average}_recall": float(recall),
+                       f"{average}_f1": float(f1)})
     return result
 
 
@@ -98,7 +99,8 @@ def _split_rows(layout: Layout, classes: list[str]) -> dict[str, pd.DataFrame]:
     unknown = sorted(set(manifest["label"]) - set(classes))
     if unknown:
         raise EvaluateError(
-            f"{layout.split_manifest} has labels {unknown} that the model does not know: rerun features, train_head and finetune"
+            f"{layout.split_manifest} has labels {unknown} that the model does not know: "
+            "rerun features, train_head and finetune"
         )
     manifest["y"] = manifest["label"].map(classes.index).astype(np.int32)
     rows = {split: manifest[manifest["split"] == split].reset_index(drop=True) for split in EVAL_SPLITS}
@@ -107,7 +109,8 @@ def _split_rows(layout: Layout, classes: list[str]) -> dict[str, pd.DataFrame]:
     return {split: frame for split, frame in rows.items() if not frame.empty}
 
 
-def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info: dict[str, Any], batch_size: int) -> np.ndarray:
+def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info: dict[str, Any],
+                   batch_size: int) -> np.ndarray:
     paths = [str(layout.root / path) for path in rows["path"]]
     dataset = image_dataset(paths, None, int(info["image_size"]), batch_size, info.get("interpolation", "bilinear"))
     return model.predict(dataset, verbose=0)
@@ -210,11 +213,12 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
                 summary.append({"model": model, "split": split, "images": s["images"], "accuracy": s["accuracy"],
                                 f"top-{metrics['top_k']}": s["top_k_accuracy"], "macro F1": s["macro_f1"],
                                 "weighted F1": s["weighted_f1"], "log loss": s["log_loss"]})
+    tuned = "yes" if metrics["fine_tuned"] else "no (the final model is the head on the frozen backbone)"
     text = [
         "# Evaluation report",
         "",
         f"Backbone `{info.get('backbone')}` (weights `{info.get('weights_id')}`), {info.get('image_size')} px, "
-        f"{len(report)} classes; fine-tuned: {'yes' if metrics['fine_tuned'] else 'no (the final model is the head on the frozen backbone)'}.",
+        f"{len(report)} classes; fine-tuned: {tuned}.",
         "",
         f"Quality gate: {gate}",
         "",

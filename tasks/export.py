@@ -126,8 +126,8 @@ def parity_check(reference: np.ndarray, exported: dict[str, Path], images: list[
             "accuracy_drop": ref_accuracy - accuracy,
             "max_abs_prob_diff": float(np.abs(probs - reference).max()),
         }
-        log.info("export: %s agrees with Keras on %.2f%% of %d test images (accuracy %.4f vs %.4f)", fmt,
-                 100 * result[fmt]["agreement"], len(labels), accuracy, ref_accuracy)
+        log.info("export: %s agrees with the in-memory Keras model on %.2f%% of %d test images (accuracy %.4f vs %.4f)",
+                 fmt, 100 * result[fmt]["agreement"], len(labels), accuracy, ref_accuracy)
     return result
 
 

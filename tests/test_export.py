@@ -114,7 +114,8 @@ def test_disagreeing_float_format_fails_with_a_clear_message(exported_tree, tmp_
     reference = export._predict_all(export.load_predictor(exported_tree.export_dir / "model.keras"), images)
     parity = export.parity_check(reference, {"tflite_float32": impostor}, images, labels)
     assert parity["tflite_float32"]["agreement"] == pytest.approx(parity_json["tflite_int8"]["agreement"])
-    with pytest.raises(export.ExportParityError, match=r"tflite_float32 top-1 agreement 0\.\d+ < export\.min_float_agreement=0\.99"):
+    expected = r"tflite_float32 top-1 agreement 0\.\d+ < export\.min_float_agreement=0\.99"
+    with pytest.raises(export.ExportParityError, match=expected):
         export.check_float_agreement(parity, 0.99, tmp_path / "export_parity.json")
 
 

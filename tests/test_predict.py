@@ -31,7 +31,7 @@ MODELS = {
 def photo_dir(tmp_path_factory, photos) -> Path:
     """Real photos plus variants made here: CMYK JPEG, grayscale PNG, and an EXIF-rotated PNG."""
     folder = tmp_path_factory.mktemp("photos")
-    for name, path in sorted(photos.items()):
+    for path in sorted(photos.values()):
         (folder / path.name).write_bytes(path.read_bytes())
     with Image.open(photos["eagle"]) as eagle:
         eagle.convert("CMYK").save(folder / "eagle_cmyk.jpg", quality=95)
