@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import shutil
 import tarfile
 import threading
@@ -21,7 +22,7 @@ from flows.stages import StageDeclarationError, hash_path, read_stage_specs, sta
 from tasks.download import DownloadError
 from tasks.files import sha256_file
 from tasks.layout import Layout
-from tasks.params import ParamsError, load_params
+from tasks.params import STAGES, ParamsError, load_params
 
 from tests.conftest import REPO_ROOT, write_class_folders
 
@@ -208,3 +209,30 @@ def test_stage_declarations_come_from_dvc_yaml(tmp_path: Path) -> None:
     broken.write_text(yaml.safe_dump({"stages": declared}))
     with pytest.raises(StageDeclarationError, match="split.no_such_knob"):
         stage_key(read_stage_specs(broken)["split"], load_params(NO_FILE), tmp_path)
+
+
+TINY = {**FAST, "features.image_size": 32, "train_head.epochs": 1, "finetune.epochs": 1,
+        "evaluate.gallery_size": 4, "export.formats": ["keras"], "export.representative_samples": 8}
+"""The whole pipeline in about a minute on 2 cores: packaged MobileNetV2 at 32 px, one epoch each."""
+
+
+def test_whole_pipeline_reruns_only_what_a_param_change_touches(tmp_path: Path, images: Path) -> None:
+    root, overrides = tmp_path / "run", {**TINY, "download.source": str(images)}
+
+    def run(extra: dict[str, Any]) -> Any:
+        return pipeline(overrides={**overrides, **extra}, root=str(root), params_file=NO_FILE, return_state=True)
+
+    state = run({})
+    assert state.result() == dict.fromkeys(STAGES, "ran")
+    assert run({}).result() == dict.fromkeys(STAGES, "cached")
+    last = run({"train_head.learning_rate": 0.01})
+    changed = last.result()
+    after = STAGES.index("train_head")
+    assert changed == {s: "cached" if i < after else "ran" for i, s in enumerate(STAGES)}
+
+    layout = Layout(root)
+    metrics = json.loads(layout.metrics_file.read_text())
+    [artifact] = [a for a in artifacts_of(last.state_details.flow_run_id) if a.key == ARTIFACT_KEY]
+    accuracy = metrics["test"]["accuracy"]
+    assert f"| test.accuracy | {accuracy:.4f} |" in artifact.data
+    assert str((layout.reports_dir / "figures" / "confusion_matrix.png").resolve()) in artifact.data
