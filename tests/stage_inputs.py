@@ -25,7 +25,7 @@ PER_CLASS = 40
 BASE_PARAMS: dict[str, Any] = {
     "download": {"min_images_per_class": 5},
     "features": {"image_size": IMAGE_SIZE, "batch_size": 32},
-    "train_head": {"epochs": 15, "batch_size": 16, "units": 32},
+    "train_head": {"epochs": 10, "batch_size": 16, "units": 32},
     "finetune": {"epochs": 1, "batch_size": 16, "top_blocks": 1},
 }
 
