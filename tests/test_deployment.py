@@ -4,6 +4,7 @@ worker, a deployment run on real images, its outputs and artifact, and the night
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import socket
@@ -19,8 +20,10 @@ import pytest
 import yaml
 
 from flows.pipeline import ARTIFACT_KEY
-from tasks.params import load_params
+from tasks.layout import Layout
+from tasks.params import STAGES, load_params
 from tests.conftest import REPO_ROOT, write_class_folders
+from tests.test_flows import TINY
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -130,10 +133,9 @@ def test_deploy_run_and_schedule(server: Server, tmp_path: Path, fashion_arrays)
     worker = server.start("worker", "worker", "start", "--pool", POOL, "--limit", "1")
 
     quick = server.call("GET", "/deployments/name/headstart-pipeline/quick")
-    overrides = {**quick["parameters"]["overrides"], "download.source": str(images),
-                 "download.min_images_per_class": 5}
+    overrides = {**quick["parameters"]["overrides"], **TINY, "download.source": str(images)}
     run = server.call("POST", f"/deployments/{quick['id']}/create_flow_run",
-                      {"parameters": {"overrides": overrides, "root": str(root), "stages": ["download", "split"]}})
+                      {"parameters": {"overrides": overrides, "root": str(root)}})
 
     def finished() -> dict[str, Any] | None:
         assert worker.poll() is None, f"worker exited:\n{server.log_tail('worker')}"
@@ -143,11 +145,13 @@ def test_deploy_run_and_schedule(server: Server, tmp_path: Path, fashion_arrays)
     state = _wait("the deployment run", finished, timeout=300, every=2)
     assert state["type"] == "COMPLETED", f"{state}\n{server.log_tail('worker')}"
 
-    assert (root / "data" / "raw" / "manifest.csv").exists()
-    assert (root / "data" / "split" / "manifest.csv").exists()
+    layout = Layout(root)
+    assert (layout.export_dir / "model.keras").exists()
+    accuracy = json.loads(layout.metrics_file.read_text())["test"]["accuracy"]
     artifacts = server.call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     [report] = [a for a in artifacts if a["key"] == ARTIFACT_KEY]
-    assert "| split | ran |" in report["data"]
+    assert all(f"| {stage} | ran |" in report["data"] for stage in STAGES)
+    assert f"| test.accuracy | {accuracy:.4f} |" in report["data"]
 
     nightly = server.call("GET", "/deployments/name/headstart-pipeline/nightly")
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
