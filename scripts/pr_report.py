@@ -1,0 +1,119 @@
+"""Pull-request report: how the workspace's params, metrics and plots differ from a base git ref.
+
+Writes OUT/report.md (the Markdown a CI job posts on the pull request: `dvc params diff`,
+`dvc metrics diff`, a pointer to the plots) and OUT/plots/index.html (`dvc plots diff`), plus a PNG
+per changed linear plot when matplotlib can draw it. Run it from the repository root, e.g.
+
+    python scripts/pr_report.py --base origin/main --out pr-report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+NO_CHANGES = "_No changes._"
+
+
+class ReportError(RuntimeError):
+    """A dvc or git command failed; the message carries its output."""
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    done = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ReportError(f"`dvc {' '.join(args)}` failed in {cwd}:\n{done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def _ref_exists(ref: str, cwd: Path) -> bool:
+    done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=cwd,
+                          capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def _field(spec: Any, channel: str) -> str | None:
+    """The data field a vega-lite spec puts on `channel` (x or y), searching nested layers."""
+    if isinstance(spec, dict):
+        encoding = spec.get("encoding", {}).get(channel)
+        if isinstance(encoding, dict) and isinstance(encoding.get("field"), str):
+            return encoding["field"]
+        children = spec.get("layer", [])
+    else:
+        children = spec if isinstance(spec, list) else []
+    return next((field for child in children if (field := _field(child, channel))), None)
+
+
+def plot_pngs(base: str, cwd: Path, out: Path) -> list[Path]:
+    """A PNG per plot that is a series (one y per x in each revision), each revision a line.
+
+    Plots that are not series (a confusion matrix) stay in the HTML page only.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots: dict[str, Any] = json.loads(dvc("plots", "diff", base, "--json", "--split", cwd=cwd))["data"]
+    written: list[Path] = []
+    for name, renders in sorted(plots.items()):
+        for render in renders:
+            x, y = _field(render["content"], "x"), _field(render["content"], "y")
+            rows = render.get("anchor_definitions", {}).get("<DVC_METRIC_DATA>", [])
+            series = {rev: sorted((float(r[x]), float(r[y])) for r in rows if r.get("rev") == rev)
+                      for rev in render["revisions"]} if x and y else {}
+            if not series or any(len({px for px, _ in pts}) != len(pts) for pts in series.values()):
+                continue
+            figure, axes = plt.subplots(figsize=(6, 3.5))
+            for rev, points in series.items():
+                if points:
+                    axes.plot(*zip(*points, strict=True), marker="o", label=rev)
+            axes.set(title=name, xlabel=x, ylabel=y)
+            axes.legend()
+            target = out / f"plot-{len(written):02d}.png"
+            figure.savefig(target, dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            written.append(target)
+    return written
+
+
+def build_report(base: str, cwd: Path, out: Path, png: bool = True) -> Path:
+    """Run the three diffs against `base` and write OUT/report.md; returns its path."""
+    if not _ref_exists(base, cwd):
+        raise ReportError(f"--base {base!r} is not a commit in {cwd}; fetch it (git fetch origin) or name another ref.")
+    out.mkdir(parents=True, exist_ok=True)
+    params = dvc("params", "diff", base, "--md", cwd=cwd)
+    metrics = dvc("metrics", "diff", base, "--md", cwd=cwd)
+    dvc("plots", "diff", base, "--out", str((out / "plots").resolve()), cwd=cwd)
+    pngs = plot_pngs(base, cwd, out) if png else []
+    lines = [f"## headstart: changes against `{base}`", "", "### Params", "", params or NO_CHANGES, "",
+             "### Metrics", "", metrics or NO_CHANGES, "", "### Plots", "",
+             "`plots/index.html` (the `dvc plots diff` page) is attached to this run."]
+    lines += [f"![{png_path.stem}]({png_path.name})" for png_path in pngs]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="origin/main", help="git ref to compare with (default: origin/main)")
+    parser.add_argument("--out", default="pr-report", type=Path, help="output folder (default: pr-report)")
+    parser.add_argument("--repo", default=".", type=Path, help="repository root (default: .)")
+    parser.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.base, args.repo, args.out, png=not args.no_png)
+    except ReportError as exc:
+        print(f"pr_report: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
