@@ -14,7 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -22,7 +22,9 @@ from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect.states import State
 from prefect.tasks import exponential_backoff
+from pydantic import Field
 
+from flows.sharding import dask_runner, features_sharded
 from flows.stages import StageSpec, output_hashes, read_stage_specs, stage_key
 from tasks.download import DownloadError
 from tasks.layout import Layout
@@ -58,13 +60,17 @@ def _retry_transient(_task: Any, _task_run: Any, state: State) -> bool:
 
 
 @task(cache_key_fn=_key_from_parameters, persist_result=True, task_run_name="{stage}")
-def run_stage(stage: str, params: Params, root: str, key: str) -> dict[str, Any]:
-    """Run one stage through its module's `run`, then record the hashes of what it wrote."""
+def run_stage(stage: str, params: Params, root: str, key: str, shards: int = 1, workers: int = 2) -> dict[str, Any]:
+    """Run one stage through its module's `run` (features: sharded over Dask workers when shards > 1),
+    then record the hashes of what it wrote. Sharding does not change the key: the result is the same."""
     logger = get_run_logger()
     spec = read_stage_specs()[stage]
     logger.info("stage %s: running tasks.%s.run (content key %s)", stage, stage, key[-12:])
     started = time.perf_counter()
-    summary = importlib.import_module(f"tasks.{stage}").run(params, Layout(Path(root)))
+    if stage == "features" and shards > 1:
+        summary = features_sharded.with_options(task_runner=dask_runner(workers))(params, root, shards)
+    else:
+        summary = importlib.import_module(f"tasks.{stage}").run(params, Layout(Path(root)))
     outputs = output_hashes(spec, Path(root))
     missing = sorted(path for path, digest in outputs.items() if digest is None)
     if missing:
@@ -149,8 +155,10 @@ def pipeline(
     params_file: str = "params.yaml",
     stages: list[str] | None = None,
     result_storage: str | None = None,
-    download_retries: int = 3,
-    retry_backoff_s: float = 10.0,
+    download_retries: Annotated[int, Field(ge=0, le=20)] = 3,
+    retry_backoff_s: Annotated[float, Field(ge=0)] = 10.0,
+    feature_shards: Annotated[int, Field(ge=1)] = 1,
+    dask_workers: Annotated[int, Field(ge=1)] = 2,
 ) -> dict[str, str]:
     """Run the stages (all, or the named ones in pipeline order); returns each stage's status.
 
@@ -158,6 +166,8 @@ def pipeline(
     validated by tasks.params.load_params, exactly as `headstart <stage> --set` does.
     `download_retries` reruns the whole download stage after a transient failure, waiting
     retry_backoff_s, then twice that, ... (each transfer also retries itself, download.retries).
+    `feature_shards` > 1 splits the features stage into that many tasks on a local Dask cluster of
+    `dask_workers` processes (flows/sharding.py).
     """
     logger = get_run_logger()
     params = load_params(params_file, overrides)
@@ -174,7 +184,7 @@ def pipeline(
             logger.info("stage %s: cached result found but its outputs are missing or changed; rerunning", stage)
         started = time.perf_counter()
         stage_task = _stage_task(stage, storage, refresh, download_retries, retry_backoff_s)
-        state = stage_task(stage, params, str(data_root), key, return_state=True)
+        state = stage_task(stage, params, str(data_root), key, feature_shards, dask_workers, return_state=True)
         state.result()  # raises the stage's own error
         status = "cached" if state.name == "Cached" else "ran"
         logger.info("stage %s: %s", stage, status)

@@ -11,10 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
+from prefect.exceptions import ParameterTypeError
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import ARTIFACT_KEY, is_transient, pipeline
@@ -236,3 +245,28 @@ def test_whole_pipeline_reruns_only_what_a_param_change_touches(tmp_path: Path, 
     accuracy = metrics["test"]["accuracy"]
     assert f"| test.accuracy | {accuracy:.4f} |" in artifact.data
     assert str((layout.reports_dir / "figures" / "confusion_matrix.png").resolve()) in artifact.data
+
+
+def test_sharded_features_on_two_dask_workers_match_the_single_process_run(tmp_path: Path, images: Path) -> None:
+    overrides = {**TINY, "download.source": str(images)}
+    stages = ["download", "split", "features"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    pipeline(overrides=overrides, root=str(single), params_file=NO_FILE, stages=stages)
+    state = pipeline(overrides=overrides, root=str(sharded), params_file=NO_FILE, stages=stages, feature_shards=3,
+                     dask_workers=2, return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="features-shard-")))
+    assert {run.name for run in runs if run.state.is_completed()} >= {f"features-shard-{i}" for i in range(3)}
+
+    for split in ("train", "val", "test"):
+        with np.load(Layout(single).features_dir / f"{split}.npz") as a, \
+                np.load(Layout(sharded).features_dir / f"{split}.npz") as b:
+            for column in ("labels", "sha256", "path"):
+                assert (a[column] == b[column]).all(), (split, column)
+            np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_shard_counts_below_one_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ParameterTypeError, match="feature_shards"):
+        pipeline(root=str(tmp_path), params_file=NO_FILE, stages=["features"], feature_shards=0)
