@@ -1,0 +1,108 @@
+"""dvc.yaml for real: `dvc repro`, no-op reruns, param edits, experiments and a local remote, in a
+temporary git repository holding a copy of the project, on real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flows.stages import hash_path
+from tasks.params import STAGES
+from tests.conftest import REPO_ROOT, write_class_folders
+from tests.test_flows import TINY
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+CACHED_OUTS = ("data/raw", "data/split/manifest.csv", "data/features", "models/head", "models/finetune",
+               "models/export")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+
+
+def _run(repo: Path, *args: str, timeout: float = 600) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo),
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def _set_params(repo: Path, overrides: dict[str, Any]) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _ran(output: str) -> list[str]:
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
+
+
+@pytest.fixture
+def repo(tmp_path: Path, fashion_arrays) -> Path:
+    """A git repo with the project's DVC files and tasks/ (imported from there via PYTHONPATH)."""
+    pictures, labels = fashion_arrays
+    images = write_class_folders(tmp_path / "images", pictures[labels < 3], labels[labels < 3], per_class=12)
+    repo = tmp_path / "repo"
+    tracked = subprocess.run(["git", "ls-files", "tasks", *PROJECT_FILES], cwd=REPO_ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    for name in tracked:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, repo / name)
+    _set_params(repo, {**TINY, "download.source": str(images)})
+    _run(repo, "git", "init", "-q")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "project")
+    return repo
+
+
+def test_split_repro_noop_param_edit_and_experiments(repo: Path) -> None:
+    assert _ran(_run(repo, "dvc", "repro", "split")) == ["download", "split"]
+    assert _ran(_run(repo, "dvc", "repro", "split")) == []
+    first = {out: hash_path(repo / out) for out in ("data/raw", "data/split/manifest.csv")}
+
+    _set_params(repo, {"split.salt": "another-salt"})
+    assert _ran(_run(repo, "dvc", "repro", "split")) == ["split"]
+    assert hash_path(repo / "data/raw") == first["data/raw"]
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "salt")
+
+    _run(repo, "dvc", "exp", "run", "split", "-S", "split.train=0.6", "-S", "split.val=0.25", "-n", "wider-val")
+    shown = json.loads(_run(repo, "dvc", "exp", "show", "--json"))
+    experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
+    names = {run["name"]: run for exp in experiments for run in exp["revs"]}
+    params = names["wider-val"]["data"]["params"]["params.yaml"]["data"]["split"]
+    assert (params["train"], params["val"]) == (0.6, 0.25)
+
+
+
+def test_whole_pipeline_from_scratch_remote_round_trip_then_only_what_changed(repo: Path, tmp_path: Path) -> None:
+    assert _ran(_run(repo, "dvc", "repro")) == list(STAGES)
+    assert _ran(_run(repo, "dvc", "repro")) == []
+    metrics = json.loads((repo / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["accuracy"] <= 1
+
+    remote = tmp_path / "remote"
+    _run(repo, "dvc", "remote", "add", "-d", "local", str(remote))
+    _run(repo, "dvc", "push")
+    pushed = {out: hash_path(repo / out) for out in CACHED_OUTS}
+    assert all(pushed.values())
+    for out in CACHED_OUTS:
+        shutil.rmtree(repo / out) if (repo / out).is_dir() else (repo / out).unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _run(repo, "dvc", "pull")
+    assert {out: hash_path(repo / out) for out in CACHED_OUTS} == pushed
+    assert _ran(_run(repo, "dvc", "repro")) == []
+
+    _set_params(repo, {"train_head.learning_rate": 0.01})
+    assert _ran(_run(repo, "dvc", "repro")) == list(STAGES[STAGES.index("train_head"):])
