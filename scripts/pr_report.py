@@ -48,10 +48,21 @@ def _field(spec: Any, channel: str) -> str | None:
     return next((field for child in children if (field := _field(child, channel))), None)
 
 
+def _series(rows: list[dict[str, Any]], x: str, y: str, revisions: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """Each revision's (x, y) points, or {} when the plot is not numeric with one y per x."""
+    try:
+        series = {rev: sorted((float(r[x]), float(r[y])) for r in rows if r.get("rev") == rev) for rev in revisions}
+    except (KeyError, TypeError, ValueError):  # class names on an axis, or a field missing
+        return {}
+    if any(len({px for px, _ in points}) != len(points) for points in series.values()):
+        return {}  # several y per x: a confusion matrix, not a curve
+    return series
+
+
 def plot_pngs(base: str, cwd: Path, out: Path) -> list[Path]:
     """A PNG per plot that is a series (one y per x in each revision), each revision a line.
 
-    Plots that are not series (a confusion matrix) stay in the HTML page only.
+    Plots that are not numeric series (a confusion matrix, per-class bars) stay in the HTML page only.
     """
     import matplotlib
 
@@ -64,9 +75,8 @@ def plot_pngs(base: str, cwd: Path, out: Path) -> list[Path]:
         for render in renders:
             x, y = _field(render["content"], "x"), _field(render["content"], "y")
             rows = render.get("anchor_definitions", {}).get("<DVC_METRIC_DATA>", [])
-            series = {rev: sorted((float(r[x]), float(r[y])) for r in rows if r.get("rev") == rev)
-                      for rev in render["revisions"]} if x and y else {}
-            if not series or any(len({px for px, _ in pts}) != len(pts) for pts in series.values()):
+            series = _series(rows, x, y, render["revisions"]) if x and y else {}
+            if not series:
                 continue
             figure, axes = plt.subplots(figsize=(6, 3.5))
             for rev, points in series.items():

@@ -39,12 +39,15 @@ json.dump({"accuracy": curve[-1]["accuracy"]}, open("metrics.json", "w"))
 json.dump(curve, open("curve.json", "w"))
 pred = model.predict(x[300:])
 json.dump([{"actual": int(a), "predicted": int(p)} for a, p in zip(y[300:], pred)], open("confusion.json", "w"))
+recall = [{"class": f"class-{c}", "recall": float((pred[y[300:] == c] == c).mean())} for c in np.unique(y[300:])]
+json.dump(recall, open("per_class.json", "w"))
 '''
 DVC_YAML = {"stages": {"train": {
     "cmd": f"{sys.executable} train.py", "deps": ["train.py", "data.npz"], "params": ["train.C"],
     "metrics": [{"metrics.json": {"cache": False}}],
     "plots": [{"curve.json": {"x": "step", "y": "accuracy", "cache": False}},
-              {"confusion.json": {"template": "confusion", "x": "predicted", "y": "actual", "cache": False}}],
+              {"confusion.json": {"template": "confusion", "x": "predicted", "y": "actual", "cache": False}},
+              {"per_class.json": {"template": "bar_horizontal", "x": "recall", "y": "class", "cache": False}}],
 }}}
 
 
@@ -93,7 +96,8 @@ def test_report_shows_the_param_metric_and_plot_changes(repo: Path) -> None:
     html = (out / "plots" / "index.html").read_text()
     assert "curve.json" in html and "HEAD~1" in html
     pngs = sorted(out.glob("plot-*.png"))
-    assert pngs and all(f"]({png.name})" in report for png in pngs)
+    assert len(pngs) == 1  # the curve; the confusion matrix and per-class bars are not series
+    assert all(f"]({png.name})" in report for png in pngs)
     assert all(png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for png in pngs)
 
 
