@@ -264,7 +264,9 @@ def test_sharded_features_on_two_dask_workers_match_the_single_process_run(tmp_p
                 np.load(Layout(sharded).features_dir / f"{split}.npz") as b:
             for column in ("labels", "sha256", "path"):
                 assert (a[column] == b[column]).all(), (split, column)
-            np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
+            # Same vectors up to float32 rounding: oneDNN sums in a different order for another batch size
+            # or thread count (seen: 2e-6 absolute); a misplaced row would differ by ~0.1.
+            np.testing.assert_allclose(a["features"], b["features"], rtol=1e-4, atol=1e-5)
 
 
 def test_shard_counts_below_one_are_refused(tmp_path: Path) -> None:
