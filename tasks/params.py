@@ -32,7 +32,7 @@ class DownloadParams(_Section):
     )
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Expected sha256 of a URL/archive source.")
     max_images_per_class: int | None = Field(
-        400, ge=1, description="Sample at most this many images per class (seeded); null keeps all."
+        1000, ge=1, description="Sample at most this many images per class (seeded); null keeps all."
     )
     min_images_per_class: int = Field(10, ge=3, description="A class with fewer valid images stops the run.")
     sample_seed: int = 0
@@ -97,11 +97,14 @@ class TrainHeadParams(_Section):
 
 
 class AugmentationParams(_Section):
+    """Flip only by default: on the default run, rotation/zoom/translation/contrast made every
+    fine-tuning epoch worse on val than the head (docs/benchmarks.md); photos usually gain from them."""
+
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
-    rotation: float = Field(0.05, ge=0, le=0.5, description="Fraction of a full turn; 0 turns it off.")
-    zoom: float = Field(0.1, ge=0, lt=1)
-    translation: float = Field(0.1, ge=0, lt=1)
-    contrast: float = Field(0.1, ge=0, lt=1)
+    rotation: float = Field(0.0, ge=0, le=0.5, description="Fraction of a full turn; 0 turns it off.")
+    zoom: float = Field(0.0, ge=0, lt=1)
+    translation: float = Field(0.0, ge=0, lt=1)
+    contrast: float = Field(0.0, ge=0, lt=1)
 
 
 class FinetuneParams(_Section):
@@ -109,7 +112,7 @@ class FinetuneParams(_Section):
     unfreeze_from: str | int | None = Field(
         None, description="First layer to train, by name or index; null uses top_blocks."
     )
-    top_blocks: int = Field(2, ge=0, description="Unfreeze the top N blocks of the backbone.")
+    top_blocks: int = Field(4, ge=0, description="Unfreeze the top N blocks of the backbone.")
     optimizer: Literal["sgd", "adam"] = "sgd"
     learning_rate: float = Field(1e-4, gt=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)

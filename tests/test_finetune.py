@@ -155,7 +155,9 @@ def test_same_code_runs_mirrored_over_two_logical_cpus(layout: Layout) -> None:
 
 def test_augmentation_is_seeded_per_epoch_and_each_layer_can_be_off(layout: Layout) -> None:
     assert build_augmentation(AugmentationParams(flip="none", rotation=0, zoom=0, translation=0, contrast=0), 0) is None
-    no_flip = build_augmentation(AugmentationParams(flip="none"), 0)
+    assert [type(layer).__name__ for layer in build_augmentation(AugmentationParams(), 0).layers] == ["RandomFlip"]
+    every = AugmentationParams(rotation=0.05, zoom=0.1, translation=0.1, contrast=0.1)
+    no_flip = build_augmentation(every.model_copy(update={"flip": "none"}), 0)
     assert [type(layer).__name__ for layer in no_flip.layers] == [
         "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast"]
 
@@ -163,7 +165,7 @@ def test_augmentation_is_seeded_per_epoch_and_each_layer_can_be_off(layout: Layo
     backbone = load_backbone("mobilenet_v2_tv", "packaged", 32, layout.backbone_dir)
     paths, labels = _val_images(layout)
 
-    def first_batch(epoch: int, augmentation: AugmentationParams = params.finetune.augmentation) -> np.ndarray:
+    def first_batch(epoch: int, augmentation: AugmentationParams = every) -> np.ndarray:
         ft = params.finetune.model_copy(update={"augmentation": augmentation})
         return next(iter(training_dataset(paths, labels, epoch, backbone, ft)))[0].numpy()
 

@@ -40,10 +40,10 @@ def test_bad_yaml_file_is_named(tmp_path):
 
 def test_overrides_nested_and_dotted(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"train_head": {"epochs": 3}}))
+    path.write_text(yaml.safe_dump({"train_head": {"epochs": 3}, "finetune": {"augmentation": {"zoom": 0.2}}}))
     params = load_params(path, {"train_head.learning_rate": 0.01, "finetune": {"augmentation": {"flip": "none"}}})
     assert (params.train_head.epochs, params.train_head.learning_rate) == (3, 0.01)
-    assert params.finetune.augmentation.flip == "none" and params.finetune.augmentation.zoom == 0.1
+    assert params.finetune.augmentation.flip == "none" and params.finetune.augmentation.zoom == 0.2  # merged, not replaced
 
 
 def test_cli_reports_a_bad_param_and_exits_2(tmp_path):
