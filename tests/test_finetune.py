@@ -91,7 +91,9 @@ def test_warm_start_keeps_head_accuracy_and_trains_only_the_top(layout: Layout) 
 
 def test_resumed_run_equals_uninterrupted_run(layout: Layout, tree: Path, tmp_path: Path) -> None:
     """A run stopped after epoch 1 and started again ends with the same weights as one that never stopped."""
-    settings = {"epochs": 2, "early_stopping_patience": 0, "learning_rate": 0.01}
+    # every augmentation layer on, so the resumed run must also replay their random state
+    augmentation = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}
+    settings = {"epochs": 2, "early_stopping_patience": 0, "learning_rate": 0.01, "augmentation": augmentation}
     finetune.run(make_params(layout.root, finetune=settings), layout)
 
     interrupted = copy_tree(tree, tmp_path / "interrupted")
