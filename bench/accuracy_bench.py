@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -30,6 +29,7 @@ import keras  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
 from tasks import download, features, finetune, split, train_head  # noqa: E402
+from tasks.cli import parse_override  # noqa: E402
 from tasks.datasets import image_dataset  # noqa: E402
 from tasks.layout import Layout  # noqa: E402
 from tasks.model import describe_device  # noqa: E402
@@ -183,8 +183,7 @@ def main() -> int:
     parser.add_argument("--write-docs", action="store_true", help=f"update this bench's section of {DOCS}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = dict(item.split("=", 1) for item in args.overrides)
-    params = load_params(args.params, {k: yaml.safe_load(v) for k, v in overrides.items()})
+    params = load_params(args.params, dict(map(parse_override, args.overrides)))
 
     balanced = balanced_part(params, Layout(args.root / "balanced"))
     imbalanced = None if args.skip_imbalanced else imbalanced_part(params, Layout(args.root / "balanced"), args.root / "imbalanced")

@@ -17,19 +17,15 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy_bench import REPO, run_stages, score_head, score_model  # noqa: E402
 
 from tasks import finetune  # noqa: E402
+from tasks.cli import parse_override  # noqa: E402
 from tasks.layout import Layout  # noqa: E402
 from tasks.params import load_params  # noqa: E402
-
-
-def parse(pairs: list[str]) -> dict[str, object]:
-    return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in pairs)}
 
 
 def main() -> int:
@@ -40,13 +36,13 @@ def main() -> int:
     parser.add_argument("settings", nargs="+", help="comma-separated KEY=VALUE overrides, one argument per setting")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    common = parse(args.overrides)
+    common = dict(map(parse_override, args.overrides))
     layout = Layout(args.root)
     if not (layout.head_dir / "head.keras").exists():
         run_stages(load_params(REPO / "params.yaml", common), layout, ["download", "split", "features", "train_head"])
     print(f"head: {score_head(layout)}", flush=True)
     for setting in args.settings:
-        params = load_params(REPO / "params.yaml", {**common, **parse(setting.split(","))})
+        params = load_params(REPO / "params.yaml", {**common, **dict(map(parse_override, setting.split(",")))})
         started = time.perf_counter()
         info = finetune.run(params, layout)
         history = pd.read_csv(layout.finetune_dir / "history.csv")

@@ -19,7 +19,8 @@ from tasks.layout import Layout
 from tasks.params import STAGES, ParamsError, load_params
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` -> (key, YAML-typed value), as `--set` takes it (also used by the bench scripts)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE (e.g. train_head.epochs=5), got {text!r}")
     key, value = text.split("=", 1)
@@ -29,7 +30,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
+        "--set", dest="overrides", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
         help="override one parameter, e.g. --set finetune.epochs=1 (repeatable)",
     )
     parser.add_argument("--root", default=".", help="project root holding data/ and models/ (default: .)")

@@ -23,6 +23,8 @@ from tasks.train_head import TrainHeadError
 from tests.conftest import REPO_ROOT
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
 
+EVERY_AUGMENTATION = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}  # flip is on by default
+
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory, fashion_arrays) -> Path:
@@ -92,8 +94,7 @@ def test_warm_start_keeps_head_accuracy_and_trains_only_the_top(layout: Layout) 
 def test_resumed_run_equals_uninterrupted_run(layout: Layout, tree: Path, tmp_path: Path) -> None:
     """A run stopped after epoch 1 and started again ends with the same weights as one that never stopped."""
     # every augmentation layer on, so the resumed run must also replay their random state
-    augmentation = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}
-    settings = {"epochs": 2, "early_stopping_patience": 0, "learning_rate": 0.01, "augmentation": augmentation}
+    settings = {"epochs": 2, "early_stopping_patience": 0, "learning_rate": 0.01, "augmentation": EVERY_AUGMENTATION}
     finetune.run(make_params(layout.root, finetune=settings), layout)
 
     interrupted = copy_tree(tree, tmp_path / "interrupted")
@@ -158,7 +159,7 @@ def test_same_code_runs_mirrored_over_two_logical_cpus(layout: Layout) -> None:
 def test_augmentation_is_seeded_per_epoch_and_each_layer_can_be_off(layout: Layout) -> None:
     assert build_augmentation(AugmentationParams(flip="none", rotation=0, zoom=0, translation=0, contrast=0), 0) is None
     assert [type(layer).__name__ for layer in build_augmentation(AugmentationParams(), 0).layers] == ["RandomFlip"]
-    every = AugmentationParams(rotation=0.05, zoom=0.1, translation=0.1, contrast=0.1)
+    every = AugmentationParams(**EVERY_AUGMENTATION)
     no_flip = build_augmentation(every.model_copy(update={"flip": "none"}), 0)
     assert [type(layer).__name__ for layer in no_flip.layers] == [
         "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast"]
