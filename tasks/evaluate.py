@@ -31,6 +31,7 @@ from tasks.datasets import image_dataset
 from tasks.files import atomic_path, atomic_write_json, atomic_write_text
 from tasks.images import load_rgb
 from tasks.layout import Layout
+from tasks.manifest import read_split_manifest
 from tasks.params import Params
 from tasks.train_head import live_dir, load_split, read_features_info
 
@@ -60,6 +61,20 @@ def load_model(path: Path, stage: str) -> keras.Model:
     return keras.models.load_model(path, safe_mode=True, compile=False)
 
 
+def top_k_accuracy(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
+    """Share of images whose class is among the `k` most probable, for any number of classes.
+
+    With `k` >= the number of classes every image counts (1.0; scikit-learn only warns that this is
+    meaningless). scikit-learn refuses two-column scores for two classes, so those pass the second
+    class's probability, which ranks the two classes the same way (top-1 = probability above 0.5).
+    """
+    num_classes = probs.shape[1]
+    if k >= num_classes:
+        return 1.0
+    scores = probs[:, 1] if num_classes == 2 else probs
+    return float(top_k_accuracy_score(labels, scores, k=k, labels=np.arange(num_classes)))
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, top_k: int) -> dict[str, float]:
     """Accuracy, top-k accuracy, macro/weighted precision-recall-F1 and log loss of one model on one split."""
     num_classes = probs.shape[1]
@@ -70,7 +85,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, top_k: int) ->
     probs64 /= probs64.sum(axis=1, keepdims=True)
     result = {
         "accuracy": float(accuracy_score(labels, predicted)),
-        "top_k_accuracy": float(top_k_accuracy_score(labels, probs64, k=min(top_k, num_classes), labels=everyone)),
+        "top_k_accuracy": top_k_accuracy(labels, probs64, top_k),
         "log_loss": float(log_loss(labels, probs64, labels=everyone)),
         "images": int(len(labels)),
     }
@@ -93,9 +108,7 @@ def per_class_report(labels: np.ndarray, predicted: np.ndarray, classes: list[st
 
 def _split_rows(layout: Layout, classes: list[str]) -> dict[str, pd.DataFrame]:
     """The manifest rows of each evaluated split that has images, with `y` = class index."""
-    manifest = pd.read_csv(layout.split_manifest) if layout.split_manifest.exists() else None
-    if manifest is None:
-        raise FileNotFoundError(f"{layout.split_manifest} not found: run `headstart split` first")
+    manifest = read_split_manifest(layout.split_manifest)
     unknown = sorted(set(manifest["label"]) - set(classes))
     if unknown:
         raise EvaluateError(

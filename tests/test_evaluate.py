@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, top_k_accuracy_score
 
@@ -110,7 +111,9 @@ def tree_copy(trained_tree, tmp_path) -> Layout:
 def test_quality_gate_fails_the_stage_with_a_clear_message(exported_tree, tree_copy, tmp_path, capsys):
     accuracy = json.loads(exported_tree.metrics_file.read_text())["test"]["accuracy"]
     assert accuracy < 1.0  # the fixture's confusable classes keep a failing threshold possible
-    args = ["evaluate", "--params", str(tmp_path / "absent.yaml"), "--root", str(tree_copy.root)]
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(trained_params(tree_copy.root).model_dump(mode="json")))
+    args = ["evaluate", "--params", str(params_file), "--root", str(tree_copy.root)]
     assert cli.main([*args, "--set", f"evaluate.assert_min_accuracy={accuracy}"]) == 0
     assert cli.main([*args, "--set", f"evaluate.assert_min_accuracy={accuracy + 0.001:.6f}"]) == 2
     error = capsys.readouterr().err
@@ -160,3 +163,18 @@ def test_empty_test_split_is_refused(tree_copy):
     manifest.to_csv(tree_copy.split_manifest, index=False)
     with pytest.raises(evaluate.EvaluateError, match=r"no test images: set split\.test > 0"):
         evaluate.run(_params(tree_copy), tree_copy)
+
+
+def test_two_classes_get_metrics_instead_of_a_scikit_learn_error():
+    """scikit-learn refuses binary targets with two-column scores; top-k must still mean "class in the k best"."""
+    rng = np.random.default_rng(0)
+    first = rng.uniform(size=200)
+    probs = np.stack([first, 1 - first], axis=1).astype(np.float32)
+    labels = rng.integers(0, 2, size=200)
+    top1 = evaluate.classification_metrics(labels, probs, top_k=1)
+    assert top1["top_k_accuracy"] == pytest.approx(top1["accuracy"])
+    # the same scores with an empty third class go through scikit-learn's multiclass path
+    padded = np.concatenate([probs, np.zeros((200, 1), np.float32)], axis=1)
+    assert top1["top_k_accuracy"] == pytest.approx(top_k_accuracy_score(labels, padded, k=1, labels=range(3)))
+    assert evaluate.classification_metrics(labels, probs, top_k=3)["top_k_accuracy"] == 1.0
+    assert evaluate.classification_metrics(labels, probs, top_k=3)["accuracy"] == top1["accuracy"] < 1.0

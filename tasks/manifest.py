@@ -1,0 +1,45 @@
+"""The one reader of the split manifest (`data/split/manifest.csv`) for every stage after split.
+
+Every column is read as text with no missing-value guessing: pandas' defaults would turn class
+folders named `0`/`1` into integers and a folder named `NA` into NaN, so a stage would no longer
+recognise the class names the model was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("path", "label", "split", "sha256")
+
+
+class ManifestError(ValueError):
+    """A split manifest that cannot be used; the message names the file, the row and what to do."""
+
+
+def read_split_manifest(path: Path) -> pd.DataFrame:
+    """The manifest as strings (path, label, split, sha256, ...), checked for the values stages rely on."""
+    if not path.exists():
+        raise FileNotFoundError(f"split manifest {path} not found; run `headstart split` first")
+    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    absent = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
+    if absent:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(absent)}; rerun `headstart split`")
+    if manifest.empty:
+        raise ManifestError(f"{path}: no rows; rerun `headstart download` and `headstart split`")
+    problems = {
+        "split": (~manifest["split"].isin(SPLITS), lambda v: f"split {v!r}; expected one of {SPLITS}"),
+        "sha256": (~manifest["sha256"].str.fullmatch(r"[0-9a-f]{64}"), lambda v: f"sha256 {v!r}, not 64 hex digits"),
+        "path": (manifest["path"] == "", lambda v: "an empty path"),
+        "label": (manifest["label"] == "", lambda v: "an empty label"),
+    }
+    for column, (bad, describe) in problems.items():
+        if bad.any():
+            row = manifest.loc[bad].iloc[0]
+            line = int(bad.to_numpy().argmax()) + 2  # header is line 1
+            raise ManifestError(
+                f"{path}: line {line} ({row['path'] or 'no path'}) has {describe(row[column])}; rerun `headstart split`"
+            )
+    return manifest
