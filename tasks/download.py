@@ -1,9 +1,10 @@
 """download stage: bring a labelled image source into `data/raw/<class>/<image>` plus a manifest.
 
 Sources: a preset from `presets.yaml`, a local folder of class sub-folders, an archive path or an
-http(s) URL (.tar.gz/.tgz/.zip), or a folder of IDX files. Every image is decoded once with Pillow;
-unusable files are listed in `data/quarantine.csv` with the reason instead of crashing later
-stages. The user's source files are only ever read.
+http(s) URL (zip or tar, plain or gzip/bz2/xz compressed; recognised by content, not by name), or a
+folder of IDX files. Every image is decoded once with Pillow; unusable files are listed in
+`data/quarantine.csv` with the reason instead of crashing later stages. The user's source files are
+only ever read.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import csv
 import gzip
 import io
 import logging
+import lzma
 import random
 import re
 import shutil
 import tarfile
 import time
 import zipfile
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,10 +31,13 @@ import numpy as np
 import requests
 import urllib3
 import yaml
+from filelock import FileLock
 from PIL import Image
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-from tasks.files import atomic_directory, atomic_path, atomic_write_text, sha256_bytes, sha256_file
+from tasks.files import (
+    atomic_directory, atomic_path, atomic_write_text, remove_stale_temps, sha256_bytes, sha256_file,
+)
 from tasks.images import ImageError, inspect_image, is_candidate_image
 from tasks.layout import Layout
 from tasks.params import DownloadParams, Params
@@ -39,7 +45,6 @@ from tasks.params import DownloadParams, Params
 log = logging.getLogger(__name__)
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "source_split", "origin")
 QUARANTINE_COLUMNS = ("origin", "label", "reason")
 
@@ -65,20 +70,45 @@ def _progress() -> Progress:
     )
 
 
+def url_cache_path(downloads_dir: Path, url: str) -> Path:
+    """Where a URL's download is kept: keyed on the whole URL (query included), named for people."""
+    name = Path(urlparse(url).path).name[:100] or "download"
+    return downloads_dir / f"{sha256_bytes(url.encode())[:16]}-{name}"
+
+
+def pin_file(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def pin_first_use(dest: Path) -> None:
+    """Trust on first use: record the digest of a download that has proved to be a usable archive."""
+    if not pin_file(dest).exists():
+        digest = sha256_file(dest)
+        atomic_write_text(pin_file(dest), digest + "\n")
+        log.warning("%s has no pinned sha256; recorded %s in %s", dest, digest, pin_file(dest))
+
+
 def fetch_url(url: str, dest: Path, sha256: str | None, timeout_s: float = 60.0, retries: int = 4) -> Path:
     """Stream `url` to `dest`, resuming a partial `.part` file, retrying with backoff, checking sha256.
 
-    When `sha256` is None the first successful download pins its digest in `dest.sha256`, and later
-    downloads of the same file must match it (trust on first use).
+    When `sha256` is None and `pin_first_use` pinned an earlier download, the new one must match that
+    pin. A lock beside `dest` makes concurrent fetches of one URL wait for each other instead of
+    writing the same `.part` file.
     """
     if urlparse(url).scheme not in ("http", "https"):
         raise DownloadError(f"{url}: only http and https URLs are supported")
-    pin_file = dest.with_name(dest.name + ".sha256")
-    if sha256 is None and pin_file.exists():
-        sha256 = pin_file.read_text().strip()
-    if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
-        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest.with_name(dest.name + ".lock")):
+        pinned = sha256 is None and pin_file(dest).exists()
+        expected = pin_file(dest).read_text().strip() if pinned else sha256
+        if not (dest.exists() and (expected is None or sha256_file(dest) == expected)):
+            _fetch_verified(url, dest, expected, pinned, timeout_s, retries)
+    return dest
+
+
+def _fetch_verified(
+    url: str, dest: Path, expected: str | None, pinned: bool, timeout_s: float, retries: int
+) -> None:
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):
         try:
@@ -95,17 +125,17 @@ def fetch_url(url: str, dest: Path, sha256: str | None, timeout_s: float = 60.0,
             log.warning("download of %s interrupted (%s); retrying in %ss", url, exc, delay)
             time.sleep(delay)
     actual = sha256_file(part)
-    if sha256 is not None and actual != sha256:
+    if expected is not None and actual != expected:
         part.unlink()
+        advice = (
+            f"{pin_file(dest)} pinned the first download of this URL; if the file there changed on purpose, "
+            f"delete {pin_file(dest)} (or set download.sha256) and rerun." if pinned
+            else "Check the URL and the expected checksum (download.sha256 or the preset)."
+        )
         raise DownloadError(
-            f"{url}: sha256 mismatch: expected {sha256}, got {actual}. The download was deleted; "
-            "check the URL and the expected checksum (download.sha256 or the preset)."
+            f"{url}: sha256 mismatch: expected {expected}, got {actual}. The download was deleted. {advice}"
         )
     part.replace(dest)
-    if sha256 is None:
-        atomic_write_text(pin_file, actual + "\n")
-        log.warning("%s has no pinned sha256; recorded %s in %s", url, actual, pin_file)
-    return dest
 
 
 class _RetryableHTTP(Exception):
@@ -148,16 +178,44 @@ def _check_member_path(archive: Path, name: str) -> PurePosixPath:
     return path
 
 
+def archive_format(path: Path) -> str | None:
+    """"zip" or "tar" (plain or gzip/bz2/xz compressed) from the file's first bytes; None otherwise."""
+    with open(path, "rb") as handle:
+        head = handle.read(262)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip with members, an empty zip
+        return "zip"
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) or head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+# what a damaged archive raises while it is read (and OSError without an errno: bad gzip or bz2 data)
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
+
+
 def safe_extract(archive: Path, target: Path, max_bytes: int, max_members: int) -> Path:
     """Extract into `target` (built atomically), refusing anything that could escape it or explode."""
     if (target / ".complete").exists():
         return target
-    with atomic_directory(target) as staging:
-        if archive.name.endswith(".zip"):
-            _extract_zip(archive, staging, max_bytes, max_members)
-        else:
-            _extract_tar(archive, staging, max_bytes, max_members)
-        (staging / ".complete").touch()
+    kind = archive_format(archive)
+    if kind is None:
+        with open(archive, "rb") as handle:
+            head = handle.read(32)
+        raise DownloadError(
+            f"{archive}: not a zip or tar archive (it begins {head!r}); check that the source is the archive "
+            "itself and not a web page about it"
+        )
+    try:
+        with atomic_directory(target) as staging:
+            (_extract_zip if kind == "zip" else _extract_tar)(archive, staging, max_bytes, max_members)
+            (staging / ".complete").touch()
+    except _CORRUPT as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the disk (full, read-only), not the archive
+        raise DownloadError(
+            f"{archive}: truncated or corrupt {kind} archive ({type(exc).__name__}: {exc}); the file is "
+            "damaged: download or copy it again"
+        ) from None
     return target
 
 
@@ -198,11 +256,7 @@ def _extract_zip(archive: Path, staging: Path, max_bytes: int, max_members: int)
 
 
 def _extract_tar(archive: Path, staging: Path, max_bytes: int, max_members: int) -> None:
-    try:
-        bundle = tarfile.open(archive)
-    except tarfile.TarError as exc:
-        raise DownloadError(f"{archive}: not a readable tar archive ({exc})") from None
-    with bundle:
+    with tarfile.open(archive) as bundle:
         written, count = 0, 0
         for member in bundle:
             count += 1
@@ -265,6 +319,8 @@ def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tup
     label_from = preset.get("label_from", "folder")
     excluded = set(preset.get("exclude_classes", []))
     root = _dataset_root(folder)
+    if label_from == "folder":
+        _refuse_presplit(root)
     candidates, skipped = [], 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
@@ -277,11 +333,33 @@ def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tup
             continue
         candidates.append(Candidate(label=label, name=path.name, origin=str(path), path=path))
     if not candidates:
+        if root != folder and any(is_candidate_image(p) for p in root.iterdir() if p.is_file()):
+            raise DownloadError(f"{folder}: {_one_class(root.name)}")  # the wrapper folders led into a class
         raise DownloadError(
             f"{folder}: no labelled images found. Expected class sub-folders of images "
-            "(e.g. {folder}/cat/1.jpg), an archive, or IDX files."
+            f"(e.g. {folder / 'cat' / '1.jpg'}), an archive, or IDX files."
         )
     return candidates, skipped
+
+
+PRESPLIT_NAMES = {"train", "test", "val", "valid", "validation"}
+
+
+def _refuse_presplit(root: Path) -> None:
+    """A tree of train/<class>, test/<class>... would give classes named train and test; refuse it."""
+    splits = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in PRESPLIT_NAMES]
+    if len(splits) >= 2 and any(child.is_dir() for split in splits for child in split.iterdir()):
+        names = ", ".join(sorted(f"{p.name}/" for p in splits))
+        raise DownloadError(
+            f"{root}: looks split already ({names} hold class folders), and headstart makes its own split. "
+            f"Merge them into one folder per class (e.g. {root / 'cat'} with the cat images of every split) "
+            "and point download.source at the merged folder."
+        )
+
+
+def _one_class(label: str) -> str:
+    return (f"only one class found: {label}; a classifier needs at least two "
+            "(one sub-folder of images per class)")
 
 
 def _label_for(relative: Path, label_from: str, preset: dict[str, Any]) -> str | None:
@@ -303,8 +381,13 @@ def _label_for(relative: Path, label_from: str, preset: dict[str, Any]) -> str |
 def read_idx(path: Path) -> np.ndarray:
     """Read an MNIST-format IDX file (optionally gzipped) into a uint8 array."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DownloadError(
+            f"{path}: truncated or corrupt gzip file ({exc}); replace it with a complete copy"
+        ) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DownloadError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
@@ -375,24 +458,21 @@ def resolve_candidates(params: DownloadParams, layout: Layout) -> tuple[list[Can
         if preset["kind"] == "idx":
             folder = _idx_folder(source, preset, params, layout)
             return idx_candidates(folder, preset.get("classes"), params.max_images_per_class, params.sample_seed), 0, True
-        archive = fetch_url(preset["url"], layout.downloads_dir / Path(urlparse(preset["url"]).path).name,
-                            preset.get("sha256"), params.timeout_s, params.retries)
-        return (*_archive_candidates(archive, preset, params, layout), False)
+        return (*_url_candidates(preset["url"], preset.get("sha256"), preset, params, layout), False)
     if _is_url(source):
-        archive = fetch_url(source, layout.downloads_dir / Path(urlparse(source).path).name, params.sha256,
-                            params.timeout_s, params.retries)
-        return (*_archive_candidates(archive, {}, params, layout), False)
+        return (*_url_candidates(source, params.sha256, {}, params, layout), False)
     path = Path(source).expanduser()
     if not path.exists():
         raise DownloadError(
             f"download.source {source!r}: no such preset, folder or file. Presets: {', '.join(sorted(presets))}"
         )
     if path.is_file():
-        if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
-            raise DownloadError(f"download.source {source!r}: a file must be an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+        if archive_format(path) is None:
+            raise DownloadError(f"download.source {source!r}: a file must be a zip or tar archive "
+                                "(.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")
         if params.sha256 and sha256_file(path) != params.sha256:
             raise DownloadError(f"{path}: sha256 does not match download.sha256={params.sha256}")
-        return (*_archive_candidates(path, {}, params, layout), False)
+        return (*folder_candidates(_extract(path, {}, params, layout)), False)
     if _find_idx(path, "train", "images") or _find_idx(path, "t10k", "images"):
         return idx_candidates(path, None, params.max_images_per_class, params.sample_seed), 0, True
     return (*folder_candidates(path), False)
@@ -408,17 +488,41 @@ def _idx_folder(name: str, preset: dict[str, Any], params: DownloadParams, layou
     return folder
 
 
-def _archive_candidates(
-    archive: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout
+def _url_candidates(
+    url: str, sha256: str | None, preset: dict[str, Any], params: DownloadParams, layout: Layout
 ) -> tuple[list[Candidate], int]:
-    extract_root = layout.root / "data" / "cache" / "extract"
+    """Fetch and extract an archive URL; a download without a known digest is pinned only once it has
+    extracted, and deleted when it does not, so an error page never becomes the trusted file."""
+    dest = url_cache_path(layout.downloads_dir, url)
+    archive = fetch_url(url, dest, sha256, params.timeout_s, params.retries)
+    trusted = sha256 is not None or pin_file(archive).exists()
+    try:
+        folder = _extract(archive, preset, params, layout)
+    except DownloadError as exc:
+        if trusted:
+            raise
+        archive.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{exc}. The download from {url} was deleted, so the next run fetches it again."
+        ) from None
+    if not trusted:
+        pin_first_use(archive)
+    return folder_candidates(folder, preset)
+
+
+def _extract(archive: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Path:
+    extract_root = _extract_root(layout)
     folder = safe_extract(archive, extract_root / sha256_file(archive)[:16], params.max_archive_bytes,
                           params.max_archive_members)
     inner = preset.get("inner_archive")
     if inner:
         folder = safe_extract(folder / inner, extract_root / f"{sha256_file(folder / inner)[:16]}",
                               params.max_archive_bytes, params.max_archive_members)
-    return folder_candidates(folder, preset)
+    return folder
+
+
+def _extract_root(layout: Layout) -> Path:
+    return layout.root / "data" / "cache" / "extract"
 
 
 # --------------------------------------------------------------------------- validation and output
@@ -480,8 +584,20 @@ def _sample(items: list[Accepted], per_class: int | None, seed: int) -> list[Acc
     return sampled
 
 
-def _check_class_sizes(items: list[Accepted], minimum: int) -> Counter:
+def _check_classes(items: list[Accepted], minimum: int, layout: Layout) -> Counter:
+    """At least two classes, none too small, and none named like the manifest written beside them."""
     counts = Counter(item.candidate.label for item in items)
+    if not counts:
+        raise DownloadError(f"no usable images: every one was quarantined (reasons in {layout.quarantine})")
+    if len(counts) < 2:
+        raise DownloadError(_one_class(next(iter(counts))))
+    reserved = layout.raw_manifest.name
+    if reserved in counts:
+        origin = next(item.candidate.origin for item in items if item.candidate.label == reserved)
+        raise DownloadError(
+            f"a class is named {reserved!r} (e.g. {origin}), which would collide with {layout.raw_manifest}: "
+            "rename that class folder"
+        )
     small = {label: n for label, n in sorted(counts.items()) if n < minimum}
     if small:
         listing = ", ".join(f"'{label}' has {n}" for label, n in small.items())
@@ -489,8 +605,6 @@ def _check_class_sizes(items: list[Accepted], minimum: int) -> Counter:
             f"too few valid images to split: {listing} (download.min_images_per_class={minimum}). "
             "Add images to these classes, remove them, or lower the threshold."
         )
-    if len(counts) < 2:
-        raise DownloadError(f"found {len(counts)} class(es); a classifier needs at least 2 class folders")
     return counts
 
 
@@ -515,7 +629,7 @@ def _write_raw(items: list[Accepted], layout: Layout) -> list[dict[str, Any]]:
                 "label": candidate.label, "sha256": item.sha256, "width": item.width, "height": item.height,
                 "mode": item.mode, "source_split": candidate.source_split, "origin": candidate.origin,
             })
-        _write_csv(staging / "manifest.csv", MANIFEST_COLUMNS, rows)
+        _write_csv(staging / layout.raw_manifest.name, MANIFEST_COLUMNS, rows)
     return rows
 
 
@@ -530,13 +644,14 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     """Fetch, validate, de-duplicate and (optionally) sample the source into data/raw."""
     p = params.download
     started = time.perf_counter()
+    remove_stale_temps(layout.raw_dir, layout.quarantine, _extract_root(layout) / "*")
     candidates, skipped, presampled = resolve_candidates(p, layout)
     accepted, quarantined = _validate(candidates, p.max_image_pixels)
     kept, duplicates = _deduplicate(accepted)
     quarantined += duplicates
     _write_csv(layout.quarantine, QUARANTINE_COLUMNS, quarantined)
     selected = kept if presampled else _sample(kept, p.max_images_per_class, p.sample_seed)
-    counts = _check_class_sizes(selected, p.min_images_per_class)
+    counts = _check_classes(selected, p.min_images_per_class, layout)
     rows = _write_raw(selected, layout)
     summary = {
         "images": len(rows), "classes": len(counts), "quarantined": len(quarantined), "skipped": skipped,

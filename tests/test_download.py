@@ -5,9 +5,14 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
 import shutil
+import stat
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -20,21 +25,25 @@ from tasks import download
 from tasks.download import DownloadError, fetch_url, safe_extract
 from tasks.layout import Layout
 from tasks.params import load_params
-from tests.conftest import FASHION_DIR
+from tests.conftest import FASHION_DIR, REPO_ROOT
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with Range support; can cut the first response short to simulate a dropped link."""
+    """Serves files with Range support; can cut the first response short to simulate a dropped link,
+    serve a file under a path with a query (`routes`) and send slowly (`delay_s` per 4 KiB)."""
 
     cut_after: int | None = None
     requests_seen: list[dict[str, str]] = []
+    routes: dict[str, str] = {}
+    delay_s = 0.0
 
     def log_message(self, *args):  # keep test output quiet
         pass
 
     def do_GET(self):  # noqa: N802 (http.server naming)
         type(self).requests_seen.append({"path": self.path, "range": self.headers.get("Range", "")})
-        path = Path(self.translate_path(self.path))
+        routed = type(self).routes.get(self.path)
+        path = Path(self.directory) / routed if routed else Path(self.translate_path(self.path))
         if not path.is_file():
             self.send_error(404)
             return
@@ -55,7 +64,9 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(2)
             return
-        self.wfile.write(body)
+        for offset in range(0, len(body), 4096):
+            self.wfile.write(body[offset : offset + 4096])
+            time.sleep(type(self).delay_s)
 
 
 @pytest.fixture
@@ -63,7 +74,8 @@ def http_root(tmp_path: Path):
     """A real HTTP server on 127.0.0.1 serving tmp_path/www; yields (base_url, folder, handler class)."""
     root = tmp_path / "www"
     root.mkdir()
-    handler = type("Handler", (_RangeHandler,), {"cut_after": None, "requests_seen": []})
+    fresh_state = {"cut_after": None, "requests_seen": [], "routes": {}, "delay_s": 0.0}
+    handler = type("Handler", (_RangeHandler,), fresh_state)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -122,7 +134,7 @@ def test_bad_checksum_is_refused_and_nothing_is_left(tmp_path, small_dataset, ht
     dest = tmp_path / "dl" / "images.tar.gz"
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         fetch_url(f"{base}/images.tar.gz", dest, "0" * 64, timeout_s=10, retries=0)
-    assert list(dest.parent.iterdir()) == []
+    assert [p.name for p in dest.parent.iterdir()] == ["images.tar.gz.lock"]  # an empty lock file
 
 
 def test_http_error_names_the_url(tmp_path, http_root):
@@ -341,3 +353,220 @@ def test_sampling_is_seeded_and_per_class(tmp_path, small_dataset):
     a, b = pd.read_csv(first.raw_manifest), pd.read_csv(second.raw_manifest)
     assert a.groupby("label").size().eq(12).all()
     assert a["sha256"].tolist() == b["sha256"].tolist()
+
+
+# --------------------------------------------------------------------------- dataset shapes (issue 10)
+
+
+def test_presplit_tree_is_refused_not_read_as_classes(tmp_path, small_dataset):
+    tree = tmp_path / "presplit"
+    for path in small_dataset.rglob("*.png"):
+        split_name = "test" if int(path.stem) > 15 else "train"
+        (tree / split_name / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tree / split_name / path.parent.name / path.name)
+    with pytest.raises(DownloadError, match=r"looks split already \(test/, train/ hold class folders\)"):
+        _run(tmp_path, source=str(tree), max_images_per_class=None)
+
+
+def test_one_class_gets_its_own_message(tmp_path, small_dataset):
+    for name in ("pullover", "t-shirt"):
+        shutil.rmtree(small_dataset / name)
+    with pytest.raises(DownloadError, match="only one class found: trouser; a classifier needs at least two"):
+        _run(tmp_path, source=str(small_dataset), max_images_per_class=None)
+    archive = _tar_gz(small_dataset, tmp_path / "one_class.tar.gz")  # my_dataset/trouser/*.png
+    with pytest.raises(DownloadError, match="only one class found: trouser"):
+        _run(tmp_path, source=str(archive), max_images_per_class=None)
+
+
+def test_empty_folder_message_names_the_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DownloadError, match="no labelled images found") as error:
+        _run(tmp_path, source=str(empty))
+    assert f"(e.g. {empty}/cat/1.jpg)" in str(error.value) and "{folder}" not in str(error.value)
+
+
+def test_class_folder_named_like_the_manifest_is_refused(tmp_path, small_dataset):
+    (small_dataset / "trouser").rename(small_dataset / "manifest.csv")
+    with pytest.raises(DownloadError, match=r"a class is named 'manifest.csv' .*rename that class folder"):
+        _run(tmp_path, source=str(small_dataset), max_images_per_class=None)
+
+
+# --------------------------------------------------------------------------- URL cache and trust on first use
+
+
+def _labels(layout: Layout) -> list[str]:
+    return sorted(pd.read_csv(layout.raw_manifest)["label"].unique())
+
+
+@pytest.mark.parametrize(("first", "second"),
+                         [("/v1/data.tar.gz", "/v2/data.tar.gz"), ("/get?id=1", "/get?id=2")])
+def test_url_cache_is_keyed_on_the_whole_url(tmp_path, small_dataset, http_root, first, second):
+    base, www, handler = http_root
+    _tar_gz(small_dataset, www / "three.tar.gz")
+    shutil.rmtree(small_dataset / "pullover")
+    _tar_gz(small_dataset, www / "two.tar.gz")
+    for url_path, name in ((first, "three.tar.gz"), (second, "two.tar.gz")):
+        handler.routes[url_path] = name
+    _, layout = _run(tmp_path, source=base + first, max_images_per_class=None)
+    assert _labels(layout) == ["pullover", "t-shirt", "trouser"]
+    _, layout = _run(tmp_path, source=base + second, max_images_per_class=None)
+    assert _labels(layout) == ["t-shirt", "trouser"]
+    assert [r["path"] for r in handler.requests_seen] == [first, second]
+
+
+def test_error_page_is_not_pinned_and_a_fixed_server_is_used(tmp_path, small_dataset, http_root):
+    base, www, _ = http_root
+    (www / "data.tar.gz").write_text("<!DOCTYPE html><html><body>Service busy, try later</body></html>\n")
+    with pytest.raises(DownloadError, match=r"not a zip or tar archive .*<!DOCTYPE html>.*was deleted"):
+        _run(tmp_path, source=f"{base}/data.tar.gz", max_images_per_class=None)
+    downloads = Layout(tmp_path / "project").downloads_dir
+    assert not list(downloads.glob("*.sha256"))
+    archive = _tar_gz(small_dataset, www / "data.tar.gz")  # the server is fixed
+    summary, _ = _run(tmp_path, source=f"{base}/data.tar.gz", max_images_per_class=None)
+    assert summary["images"] == 60
+    assert [p.read_text().strip() for p in downloads.glob("*.sha256")] == [_sha(archive)]
+
+
+def test_pin_mismatch_names_the_pin_file_and_clearing_it_recovers(tmp_path, small_dataset, http_root):
+    base, www, _ = http_root
+    url = f"{base}/data.tar.gz"
+    _tar_gz(small_dataset, www / "data.tar.gz")
+    _, layout = _run(tmp_path, source=url, max_images_per_class=None)
+    cached = download.url_cache_path(layout.downloads_dir, url)
+    pin = download.pin_file(cached)
+    cached.unlink()  # the cache was cleared, and the file behind the URL changed since
+    shutil.rmtree(small_dataset / "pullover")
+    _tar_gz(small_dataset, www / "data.tar.gz")
+    with pytest.raises(DownloadError, match="sha256 mismatch") as error:
+        _run(tmp_path, source=url, max_images_per_class=None)
+    assert f"delete {pin}" in str(error.value)
+    pin.unlink()  # as the message says
+    _, layout = _run(tmp_path, source=url, max_images_per_class=None)
+    assert _labels(layout) == ["t-shirt", "trouser"]
+
+
+def test_concurrent_downloads_of_one_url_fetch_it_once(tmp_path, small_dataset, http_root):
+    base, www, handler = http_root
+    archive = _tar_gz(small_dataset, www / "data.tar.gz")
+    handler.delay_s = 0.02  # a slow link, so both fetches overlap
+    dest = tmp_path / "dl" / "data.tar.gz"
+    start = threading.Barrier(2)
+    results, errors = [], []
+
+    def fetch():
+        start.wait()
+        try:
+            results.append(fetch_url(f"{base}/data.tar.gz", dest, None, timeout_s=10, retries=0))
+        except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and results == [dest, dest]
+    assert _sha(dest) == _sha(archive) and len(handler.requests_seen) == 1
+
+
+# --------------------------------------------------------------------------- archive formats and damage
+
+
+def _archive_as(kind: str, folder: Path, dest: Path) -> Path:
+    if kind == "zip":
+        with zipfile.ZipFile(dest, "w") as bundle:
+            for path in sorted(folder.rglob("*.png")):
+                bundle.write(path, f"my_dataset/{path.relative_to(folder)}")
+    else:
+        with tarfile.open(dest, f"w:{kind}") as bundle:
+            bundle.add(folder, arcname="my_dataset")
+    return dest
+
+
+@pytest.mark.parametrize("kind", ["zip", "", "gz", "bz2", "xz"])
+def test_archive_format_is_read_from_the_content_not_the_name(tmp_path, small_dataset, kind):
+    archive = _archive_as(kind, small_dataset, tmp_path / "dataset.bin")
+    summary, _ = _run(tmp_path, source=str(archive), max_images_per_class=None)
+    assert summary["images"] == 60
+
+
+def test_archive_url_without_a_suffix_serving_a_zip(tmp_path, small_dataset, http_root):
+    base, www, handler = http_root
+    _archive_as("zip", small_dataset, www / "blob")
+    handler.routes["/getfile?id=3"] = "blob"
+    summary, _ = _run(tmp_path, source=f"{base}/getfile?id=3", max_images_per_class=None)
+    assert summary["images"] == 60
+
+
+def _truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _flip_middle(path: Path) -> Path:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "damage"), [("gz", _truncate), ("zip", _truncate), ("zip", _flip_middle)],
+                         ids=["truncated-tar.gz", "truncated-zip", "corrupt-zip"])
+def test_damaged_archive_is_one_clear_error(tmp_path, small_dataset, kind, damage):
+    archive = damage(_archive_as(kind, small_dataset, tmp_path / f"data.{kind}"))
+    with pytest.raises(DownloadError, match=rf"{archive}: truncated or corrupt .* download or copy it again"):
+        _run(tmp_path, source=str(archive), max_images_per_class=None)
+    assert not (tmp_path / "project" / "data" / "raw").exists()
+
+
+def test_truncated_gzipped_idx_is_named(tmp_path):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(FASHION_DIR / name, folder / name)
+    images = _truncate(folder / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(DownloadError, match=rf"{images}: truncated or corrupt gzip file"):
+        _run(tmp_path, source=str(folder), max_images_per_class=5)
+
+
+# --------------------------------------------------------------------------- outputs on disk
+
+
+def test_outputs_follow_the_umask(tmp_path, small_dataset):
+    previous = os.umask(0o027)
+    try:
+        _, layout = _run(tmp_path, source=str(small_dataset), max_images_per_class=None)
+    finally:
+        os.umask(previous)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(layout.raw_dir) == mode(layout.raw_dir / "trouser") == 0o750
+    assert mode(layout.raw_manifest) == mode(layout.quarantine) == 0o640
+
+
+def _killed_inside(writer: str, target: Path) -> None:
+    """Run `with tasks.files.<writer>(target)` in a process that is killed inside the block."""
+    script = (f"import os, sys\nfrom tasks.files import {writer}\nwith {writer}(sys.argv[1]) as tmp:\n"
+              "    os._exit(9)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(target)], cwd=REPO_ROOT, check=False)
+    assert result.returncode == 9
+
+
+def test_a_run_removes_stale_temps_of_its_own_outputs(tmp_path, small_dataset):
+    layout = Layout(tmp_path / "project")
+    _killed_inside("atomic_directory", layout.raw_dir)
+    _killed_inside("atomic_path", layout.quarantine)
+    _killed_inside("atomic_directory", layout.root / "data" / "cache" / "extract" / "0123456789abcdef")
+    (layout.raw_dir.parent / ".raw.old-0123456789abcdef" / "old").mkdir(parents=True)  # a swap cut short
+    stale = sorted(layout.root.rglob(".*.*-*"))
+    assert len(stale) == 4
+    an_hour_ago = time.time() - 3700
+    for path in stale:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    _killed_inside("atomic_directory", layout.raw_dir)  # a live concurrent run's: young, so it stays
+    live = sorted(set(layout.root.rglob(".*.*-*")) - set(stale))
+    before = _tree_digest(small_dataset)
+    _run(tmp_path, source=str(small_dataset), max_images_per_class=None)
+    assert sorted(layout.root.rglob(".*.*-*")) == live
+    assert _tree_digest(small_dataset) == before
