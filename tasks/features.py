@@ -353,7 +353,11 @@ def _check_files(files: Iterable[tuple[str, str]]) -> None:
         if not Path(full).is_file():
             raise FileNotFoundError(f"{full}: listed in the split manifest but missing; rerun `headstart download` and `headstart split`")
         if sha256_file(full) != sha:
-            raise FeaturesError(f"{full}: content changed since the split manifest was written; rerun `headstart split`")
+            raise FeaturesError(
+                f"{full}: content changed since download recorded it (split takes its hashes from there): "
+                "rerun `headstart download` and `headstart split` to restore it from download.source "
+                "(with DVC: `dvc repro`, which reruns download because data/raw changed)"
+            )
 
 
 # ---------------------------------------------------------------- stage

@@ -1,10 +1,12 @@
 """split stage: assign every image to train/val/test per class, by content, without moving files.
 
 Within a class, images are ordered by sha256(salt + content hash) and dealt one at a time to the
-split furthest below its requested share. This keeps every class within one image of the requested
-fractions, sends identical content to one split, and does not depend on file names, paths or
-machines. Images already assigned in the previous manifest (same salt and fractions) keep their
-split, and only new images are dealt, so adding images never moves an existing one.
+split furthest below its requested share, except that a split with a non-zero fraction and no image
+yet comes first: every class gets at least one val and one test image (3 images: one of each).
+This keeps every class close to the requested fractions, sends identical content to one split, and
+does not depend on file names, paths or machines. Images already assigned in the previous manifest
+(same salt and fractions) keep their split, and only new images are dealt, so adding images never
+moves an existing one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.files import atomic_path, atomic_write_json
+from tasks.files import atomic_path, atomic_write_json, remove_stale_temps
 from tasks.layout import Layout
 from tasks.params import Params, SplitParams
 
@@ -39,15 +41,19 @@ def deal(new_hashes: list[str], fractions: dict[str, float], counts: dict[str, i
     """Assign `new_hashes` (one class) to splits, continuing from the existing `counts`.
 
     Each image goes to the split with the largest deficit `n * fraction - count` (ties: train, val,
-    test order), which keeps every |n * fraction - count| below one image when starting from a
-    balanced state.
+    test order), choosing among the still empty splits while there are any, so that a small class
+    has an image in every split it can fill. That minimum can leave train up to two images short in
+    a class of fewer than 1 / (2 * smallest fraction) images; from there on, starting from a balanced
+    state, every |n * fraction - count| stays below one image.
     """
     counts = dict(counts)
     total = sum(counts.values())
     assignment = {}
     for sha in sorted(set(new_hashes), key=lambda h: _order_key(salt, h)):
         total += 1
-        target = max(fractions, key=lambda s: (total * fractions[s] - counts.get(s, 0), -SPLITS.index(s)))
+        empty = [s for s in fractions if fractions[s] > 0 and not counts.get(s)]
+        target = max(empty or fractions,
+                     key=lambda s: (total * fractions[s] - counts.get(s, 0), -SPLITS.index(s)))
         counts[target] = counts.get(target, 0) + 1
         assignment[sha] = target
     return assignment
@@ -61,7 +67,7 @@ def _previous_assignment(layout: Layout, params: SplitParams) -> dict[tuple[str,
     if settings != _settings(params):
         log.info("split settings changed (%s -> %s): assigning every image afresh", settings, _settings(params))
         return {}
-    previous = pd.read_csv(layout.split_manifest, dtype=str)
+    previous = pd.read_csv(layout.split_manifest, dtype=str, keep_default_na=False)
     return {(row.label, row.sha256): row.split for row in previous.itertuples()}
 
 
@@ -73,9 +79,14 @@ def _settings(params: SplitParams) -> dict[str, Any]:
 def assign_splits(raw: pd.DataFrame, params: SplitParams, previous: dict[tuple[str, str], str]) -> pd.Series:
     """The split of every row of the raw manifest."""
     fractions = {"train": params.train, "val": params.val, "test": params.test}
+    required = {s for s, fraction in fractions.items() if fraction > 0}
     split = pd.Series("", index=raw.index, dtype=object)
     for label, group in raw.groupby("label", sort=True):
         kept = {i: previous[(label, sha)] for i, sha in group["sha256"].items() if (label, sha) in previous}
+        if kept and not required <= set(kept.values()):
+            log.info("class %r: the previous split left %s empty; dealing the class afresh",
+                     label, sorted(required - set(kept.values())))
+            kept = {}
         for i, value in kept.items():
             split[i] = value
         fresh = group.loc[[i for i in group.index if i not in kept]]
@@ -93,6 +104,27 @@ def assign_splits(raw: pd.DataFrame, params: SplitParams, previous: dict[tuple[s
     return split
 
 
+def _check_every_split_filled(manifest: pd.DataFrame, params: SplitParams) -> None:
+    """Stop, naming the class, when a split with a non-zero fraction got none of a class's images."""
+    required = [s for s in SPLITS if getattr(params, s) > 0]
+    for label, group in manifest.groupby("label"):
+        empty = [s for s in required if not group["split"].eq(s).any()]
+        if not empty:
+            continue
+        if params.respect_existing_split and empty == ["test"]:
+            raise SplitError(
+                f"class {label!r} has no image in the test split the dataset ships, and "
+                "split.respect_existing_split=true takes test images only from there: add test images "
+                "for it to the source, or set split.respect_existing_split=false."
+            )
+        raise SplitError(
+            f"class {label!r} has {len(group)} image(s), none for {' or '.join(empty)}: with split.val="
+            f"{params.val:g} and split.test={params.test:g} every class needs at least {len(required)} "
+            f"images, one per split. Add images to it, remove it from download.source, or set "
+            f"split.{empty[0]}=0 (and raise split.train to match)."
+        )
+
+
 def summarize(manifest: pd.DataFrame, params: SplitParams) -> dict[str, Any]:
     per_class = {
         label: {s: int((group["split"] == s).sum()) for s in SPLITS} for label, group in manifest.groupby("label")
@@ -103,6 +135,7 @@ def summarize(manifest: pd.DataFrame, params: SplitParams) -> dict[str, Any]:
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
+    remove_stale_temps(layout.split_manifest, layout.split_summary)
     if not layout.raw_manifest.exists():
         raise SplitError(f"{layout.raw_manifest} not found: run the download stage first (headstart download)")
     raw = pd.read_csv(layout.raw_manifest, dtype={"sha256": str, "label": str, "source_split": str}, keep_default_na=False)
@@ -113,6 +146,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         duplicated = raw.loc[raw["sha256"].duplicated(keep=False), "path"].tolist()[:5]
         raise SplitError(f"{layout.raw_manifest}: identical content listed twice ({duplicated}); rerun download")
     manifest = raw.assign(split=assign_splits(raw, params.split, _previous_assignment(layout, params.split)))
+    _check_every_split_filled(manifest, params.split)
     manifest = manifest[MANIFEST_COLUMNS].sort_values(["split", "label", "path"], kind="stable")
     with atomic_path(layout.split_manifest) as tmp:
         manifest.to_csv(tmp, index=False)

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import stat
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from PIL import Image
 
-from tasks import download, split
+from tasks import cli, download, split
 from tasks.layout import Layout
 from tasks.params import ParamsError, SplitParams, load_params
 from tests.conftest import write_class_folders
 
 
-def _pipeline(tmp_path: Path, source: Path, layout: Layout, **split_params) -> pd.DataFrame:
-    overrides = {"download.source": str(source), "download.max_images_per_class": None, "download.min_images_per_class": 5}
+def _pipeline(
+    tmp_path: Path, source: Path, layout: Layout, min_images: int = 5, **split_params
+) -> pd.DataFrame:
+    overrides = {"download.source": str(source), "download.max_images_per_class": None,
+                 "download.min_images_per_class": min_images}
     overrides.update({f"split.{k}": v for k, v in split_params.items()})
     params = load_params(tmp_path / "absent.yaml", overrides)
     download.run(params, layout)
@@ -115,3 +124,110 @@ def test_fractions_must_sum_to_one():
 def test_missing_raw_manifest_says_run_download(tmp_path):
     with pytest.raises(split.SplitError, match="run the download stage"):
         split.run(load_params(tmp_path / "absent.yaml"), Layout(tmp_path))
+
+
+# --------------------------------------------------------------------------- small classes (issue 10)
+
+
+def _per_class(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
+    return {label: group["split"].value_counts().to_dict() for label, group in manifest.groupby("label")}
+
+
+@pytest.fixture
+def three_per_class(tmp_path, fashion_arrays) -> Path:
+    images, labels = fashion_arrays
+    return write_class_folders(tmp_path / "images", images[:100], labels[:100], per_class=3)
+
+
+def test_three_images_per_class_give_one_image_to_every_split(tmp_path, three_per_class):
+    manifest = _pipeline(tmp_path, three_per_class, Layout(tmp_path / "p"), min_images=3)
+    one_each = {"train": 1, "val": 1, "test": 1}
+    assert _per_class(manifest) == {label: one_each for label in manifest["label"].unique()}
+
+
+def test_a_class_too_small_for_every_split_is_named(tmp_path, three_per_class):
+    layout = Layout(tmp_path / "p")
+    _pipeline(tmp_path, three_per_class, layout, min_images=3)
+    raw = pd.read_csv(layout.raw_manifest, keep_default_na=False)
+    pruned = raw.index[raw["label"] == "coat"][0]  # a user removes one coat image from data/raw by hand
+    (layout.root / raw.loc[pruned, "path"]).unlink()
+    raw.drop(index=pruned).to_csv(layout.raw_manifest, index=False)
+    layout.split_manifest.unlink()
+    message = r"class 'coat' has 2 image\(s\), none for (val|test).* at least 3 images"
+    with pytest.raises(split.SplitError, match=message):
+        split.run(load_params(tmp_path / "absent.yaml"), layout)
+
+
+def test_a_previous_split_that_left_a_class_without_test_is_dealt_afresh(tmp_path, three_per_class):
+    layout = Layout(tmp_path / "p")
+    first = _pipeline(tmp_path, three_per_class, layout, min_images=3)
+    coat_test = (first["label"] == "coat") & (first["split"] == "test")
+    old = first.assign(split=first["split"].mask(coat_test, "train"))
+    old.to_csv(layout.split_manifest, index=False)  # as a version without the minimum left it: 2 train, 1 val
+    second = _pipeline(tmp_path, three_per_class, layout, min_images=3)
+    assert _per_class(second)["coat"] == {"train": 1, "val": 1, "test": 1}
+    assert first.set_index("sha256")["split"].to_dict() == second.set_index("sha256")["split"].to_dict()
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_respect_existing_split_names_a_class_the_shipped_test_set_lacks(tmp_path, fashion_arrays):
+    images, labels = fashion_arrays
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    train, test = np.isin(labels[:1000], [0, 1, 2]), np.isin(labels[1000:], [0, 1])
+    _write_idx(folder / "train-images-idx3-ubyte.gz", images[:1000][train])
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", labels[:1000][train])
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", images[1000:][test])
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels[1000:][test])
+    overrides = {"download.source": str(folder), "download.max_images_per_class": 30,
+                 "split.respect_existing_split": True}
+    params = load_params(tmp_path / "absent.yaml", overrides)
+    layout = Layout(tmp_path / "p")
+    download.run(params, layout)
+    with pytest.raises(split.SplitError, match="class '2' has no image in the test split the dataset ships"):
+        split.run(params, layout)
+
+
+def test_split_outputs_follow_the_umask(tmp_path, folder):
+    previous = os.umask(0o022)
+    try:
+        _pipeline(tmp_path, folder, Layout(tmp_path / "p"))
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "p" / "data" / "split").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+# ------------------------------------------------------------------------ a raw image changed after download
+
+
+@pytest.mark.slow
+def test_changed_raw_image_advice_is_the_command_that_fixes_it(tmp_path, small_dataset, fashion_arrays):
+    """features refuses an image whose content changed after download; the commands it names fix that."""
+    from tasks import features
+    from tasks.features import FeaturesError
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({
+        "download": {"source": str(small_dataset), "max_images_per_class": None},
+        "features": {"weights": "none", "allow_random_weights": True, "image_size": 32, "batch_size": 16},
+    }))
+    root = tmp_path / "p"
+    stage = lambda name: cli.main([name, "--params", str(params_file), "--root", str(root)])  # noqa: E731
+    assert stage("download") == 0 and stage("split") == 0
+    layout = Layout(root)
+    changed = layout.root / pd.read_csv(layout.split_manifest)["path"][0]
+    Image.fromarray(fashion_arrays[0][1999]).save(changed)  # edited in place after download
+    params = load_params(params_file)
+    with pytest.raises(FeaturesError, match="rerun `headstart download` and `headstart split`"):
+        features.run(params, layout)
+    assert stage("split") == 0  # the old advice alone does not help
+    with pytest.raises(FeaturesError, match="content changed"):
+        features.run(params, layout)
+    assert stage("download") == 0 and stage("split") == 0
+    assert features.run(params, layout)["rows"]["train"] == 42
