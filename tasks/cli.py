@@ -7,9 +7,11 @@ uses and calls the stage module's `run(params, layout)`; there is no other imple
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE (e.g. train_head.epochs=5), got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        example = f"--set '{key.strip()}=\"...\"'"
+        raise argparse.ArgumentTypeError(
+            f"--set {text!r}: the value is not valid YAML ({problem}); quote it, e.g. {example}"
+        ) from None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    parser.add_argument(
+        "--params", default=None, help="parameter file, which must exist (default: params.yaml, if present)"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
         help="override one parameter, e.g. --set finetune.epochs=1 (repeatable)",
@@ -60,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_stage(stage: str, args: argparse.Namespace) -> None:
-    params = load_params(args.params, dict(args.overrides))
+    # only the default may be absent (all defaults): a named file that is missing is a typo, not a request
+    if args.params is not None and not Path(args.params).is_file():
+        raise ParamsError(f"--params {args.params}: no such file. Name an existing file, or leave --params "
+                          "out to use params.yaml (all defaults where it is absent).")
+    params = load_params(args.params or "params.yaml", dict(args.overrides))
     module = importlib.import_module(f"tasks.{stage}")
     module.run(params, Layout(Path(args.root)))
 
@@ -87,9 +102,40 @@ def main(argv: list[str] | None = None) -> int:
 
             return predict_main(args)
     except (ParamsError, FileNotFoundError, ValueError) as exc:
-        print(f"headstart {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, str(exc))
+    except OSError as exc:
+        return _fail(args, _os_error_message(exc))
+    except Exception as exc:  # noqa: BLE001 (a damaged input no check names: one line, details behind -v)
+        summary = (str(exc).strip().splitlines() or [""])[0].rstrip(".")
+        return _fail(args, f"{type(exc).__name__}: {summary}. {_damaged_input_advice(args)}")
     return 1
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """Print the one-line error; the traceback only with -v."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"headstart {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_error_message(exc: OSError) -> str:
+    """`file: reason. what to do` for the disk and permission errors a stage meets while writing."""
+    where = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name)
+    reason = f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"{reason}. Free disk space (or raise the file size limit, `ulimit -f`) and rerun."
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{reason}. Make that folder writable for this user, or pass --root a writable project folder."
+    return f"{reason}. Rerun with -v for the traceback."
+
+
+def _damaged_input_advice(args: argparse.Namespace) -> str:
+    if args.command == "predict":
+        return (f"If {args.model} was edited or damaged, or not written by `headstart export`, export it "
+                "again. Rerun with -v for the traceback.")
+    return ("If a file this stage reads (e.g. a .keras model) was edited or damaged, `dvc repro` rebuilds it "
+            "with the stage that writes it. Rerun with -v for the traceback.")
 
 
 if __name__ == "__main__":
