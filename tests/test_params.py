@@ -24,7 +24,7 @@ def test_params_yaml_matches_the_defaults(tmp_path):
         ({"features.image_size": 8}, "key 'features.image_size' has value 8"),
         ({"train_head.optimizer": "adagrad"}, "'adam', 'sgd' or 'rmsprop'"),
         ({"nonsense": {"a": 1}}, "unknown key 'nonsense'"),
-        ({"download.timeout_s": float("inf")}, "key 'download.timeout_s' has value inf: Input should be a"),
+        ({"download.timeout_s": float("inf")}, "'download.timeout_s' has value inf: .* finite number"),
         ({"train_head.learning_rate": float("nan")}, "key 'train_head.learning_rate' has value nan"),
         ({"evaluate.assert_min_accuracy": float("nan")}, "key 'evaluate.assert_min_accuracy' has value nan"),
     ],

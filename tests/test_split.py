@@ -76,8 +76,10 @@ def test_adding_images_never_moves_an_existing_image(tmp_path, fashion_arrays):
     images, labels = fashion_arrays
     layout = Layout(tmp_path / "p")
     source = write_class_folders(tmp_path / "images", images[:300], labels[:300], per_class=20)
+    (source / "coat").rename(source / "NA")  # a class name that pandas would read as missing
     before = _pipeline(tmp_path, source, layout)
     write_class_folders(tmp_path / "more", images[300:900], labels[300:900], per_class=15)
+    (tmp_path / "more" / "coat").rename(tmp_path / "more" / "NA")
     for path in (tmp_path / "more").rglob("*.png"):
         path.rename(source / path.parent.name / f"new_{path.name}")
     after = _pipeline(tmp_path, source, layout)
