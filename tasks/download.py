@@ -36,7 +36,12 @@ from PIL import Image
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from tasks.files import (
-    atomic_directory, atomic_path, atomic_write_text, remove_stale_temps, sha256_bytes, sha256_file,
+    atomic_directory,
+    atomic_path,
+    atomic_write_text,
+    remove_stale_temps,
+    sha256_bytes,
+    sha256_file,
 )
 from tasks.images import ImageError, inspect_image, is_candidate_image
 from tasks.layout import Layout
