@@ -20,8 +20,8 @@ def resizing_layer(image_size: int, interpolation: str = "bilinear") -> layers.R
     return layers.Resizing(image_size, image_size, interpolation=interpolation, name="resize")
 
 
-def _decode(path: bytes) -> np.ndarray:
-    return load_rgb(path.decode("utf-8"))
+def _decode(path: bytes, image_size: np.int32) -> np.ndarray:
+    return load_rgb(path.decode("utf-8"), target_size=int(image_size))
 
 
 def image_dataset(
@@ -35,7 +35,7 @@ def image_dataset(
     resize = resizing_layer(image_size, interpolation)
 
     def load(path: tf.Tensor) -> tf.Tensor:
-        image = tf.numpy_function(_decode, [path], tf.uint8, stateful=False)
+        image = tf.numpy_function(_decode, [path, image_size], tf.uint8, stateful=False)
         image.set_shape([None, None, 3])
         return resize(tf.cast(image, tf.float32))
 

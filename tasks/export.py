@@ -21,7 +21,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 from keras import layers
 
@@ -30,8 +29,18 @@ from tasks.evaluate import load_model, read_json
 from tasks.files import atomic_directory, atomic_write_json, sha256_file
 from tasks.images import load_rgb
 from tasks.layout import Layout
+from tasks.manifest import read_split_manifest
 from tasks.params import Params
-from tasks.predict import INPUT_NAME, LABELS_FILE, OUTPUT_NAME, SIGNATURE, Predictor, keras_runner, load_predictor
+from tasks.predict import (
+    INPUT_NAME,
+    LABELS_FILE,
+    MODEL_CARD,
+    OUTPUT_NAME,
+    SIGNATURE,
+    Predictor,
+    keras_runner,
+    load_predictor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +78,13 @@ def write_saved_model(model: keras.Model, target: Path) -> None:
     archive.write_out(str(target), verbose=False)
 
 
-def representative_images(layout: Layout, count: int) -> list[np.ndarray]:
+def representative_images(layout: Layout, count: int, image_size: int) -> list[np.ndarray]:
     """`count` train images, the same ones every run: the lowest content hashes (an unbiased, stable draw)."""
-    manifest = pd.read_csv(layout.split_manifest)
+    manifest = read_split_manifest(layout.split_manifest)
     train = manifest[manifest["split"] == "train"].sort_values("sha256").head(count)
     if train.empty:
         raise ValueError(f"{layout.split_manifest} has no train images to calibrate the int8 model with")
-    return [load_rgb(layout.root / path) for path in train["path"]]
+    return [load_rgb(layout.root / path, target_size=image_size) for path in train["path"]]
 
 
 def convert_tflite(saved_model: Path, kind: str, calibration: list[np.ndarray] | None = None) -> bytes:
@@ -98,12 +107,14 @@ def convert_tflite(saved_model: Path, kind: str, calibration: list[np.ndarray] |
     return converter.convert()
 
 
-def _test_images(layout: Layout, classes: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
-    manifest = pd.read_csv(layout.split_manifest)
+def _test_images(layout: Layout, classes: list[str], image_size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The test split decoded as evaluate and predict decode it, with class indices."""
+    manifest = read_split_manifest(layout.split_manifest)
     test = manifest[manifest["split"] == "test"]
     if test.empty:
         raise ValueError(f"{layout.split_manifest} has no test images for the parity check: set split.test > 0")
-    return [load_rgb(layout.root / path) for path in test["path"]], test["label"].map(classes.index).to_numpy()
+    images = [load_rgb(layout.root / path, target_size=image_size) for path in test["path"]]
+    return images, test["label"].map(classes.index).to_numpy()
 
 
 def _predict_all(predictor: Predictor, images: list[np.ndarray]) -> np.ndarray:
@@ -189,7 +200,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     image_size = int(info["image_size"])
     model = serving_model(load_model(layout.finetune_dir / "model.keras", "finetune"), image_size,
                           info.get("interpolation", "bilinear"))
-    images, labels = _test_images(layout, classes)
+    images, labels = _test_images(layout, classes, image_size)
     reference = _predict_all(Predictor(keras_runner(model), classes, "keras"), images)
 
     scratch = Path(tempfile.mkdtemp(prefix=".export.", dir=layout.root))
@@ -205,7 +216,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             write_saved_model(model, saved_model)
             if "saved_model" in p.formats:
                 exported["saved_model"] = saved_model
-            calibration = representative_images(layout, p.representative_samples) if "tflite_int8" in p.formats else None
+            calibration = (representative_images(layout, p.representative_samples, image_size)
+                           if "tflite_int8" in p.formats else None)
             for fmt in ("tflite_float32", "tflite_float16", "tflite_int8"):
                 if fmt in p.formats:
                     log.info("export: converting %s", fmt)
@@ -217,7 +229,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             for fmt, path in exported.items():
                 parity[fmt]["bytes"] = _size(path)
             card = model_card(params, layout, info, exported, parity, image_size)
-            atomic_write_json(staging / "model_card.json", card)
+            atomic_write_json(staging / MODEL_CARD, card)
             atomic_write_json(layout.reports_dir / "export_parity.json", parity)
             check_float_agreement(parity, p.min_float_agreement, layout.reports_dir / "export_parity.json")
     finally:

@@ -47,18 +47,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
+def _open(source: str | Path | bytes, max_pixels: int, target_size: int | None = None) -> Image.Image:
     empty = not source if isinstance(source, bytes) else Path(source).stat().st_size == 0
     if empty:
         raise ImageError("empty file (0 bytes)")
     Image.MAX_IMAGE_PIXELS = max_pixels
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    # opened here so that a file Pillow fails on is closed too; load() reads everything before it closes
+    handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
     try:
-        with warnings.catch_warnings():
+        with handle, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(handle)
             if image.width * image.height > max_pixels:
                 raise ImageError(f"too large: {image.width}x{image.height} pixels exceeds max_image_pixels={max_pixels}")
+            if target_size:
+                # JPEG only (a no-op elsewhere): DCT-domain scaling by 1/2, 1/4 or 1/8, never below the target
+                image.draft(None, (target_size, target_size))
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"too large (decompression bomb): {exc}") from None
@@ -71,9 +75,21 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def load_rgb(source: str | Path | bytes, max_pixels: int = 40_000_000) -> np.ndarray:
-    """Decode an image file or bytes into an HxWx3 uint8 RGB array, upright."""
-    return np.asarray(_to_rgb(_open(source, max_pixels)), dtype=np.uint8)
+def load_rgb(source: str | Path | bytes, max_pixels: int = 40_000_000,
+             target_size: int | None = None) -> np.ndarray:
+    """Decode an image file or bytes into an HxWx3 uint8 RGB array, upright.
+
+    `target_size` is the model's input side: an image at least twice as large on both sides is
+    reduced while decoding (JPEG draft, then an integer box reduction) to no less than that on
+    either side, so memory follows the model's size rather than the photo's and the model's own
+    Resizing layer still makes the final resize. Training, evaluation and prediction all pass it,
+    so they see the same pixels.
+    """
+    image = _to_rgb(_open(source, max_pixels, target_size))
+    factor = min(image.width, image.height) // target_size if target_size else 1
+    if factor >= 2:
+        image = image.reduce(factor)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def inspect_image(source: str | Path | bytes, max_pixels: int = 40_000_000) -> ImageInfo:

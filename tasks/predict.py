@@ -10,12 +10,14 @@ check runs its formats through these same loaders.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -30,6 +32,7 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 LABELS_FILE = "labels.txt"
+MODEL_CARD = "model_card.json"
 URL_SCHEMES = ("http", "https")
 CHUNK = 32
 
@@ -46,11 +49,14 @@ class InputError(ValueError):
     """A command-line input that names nothing predict can read."""
 
 
+def _beside(model_path: Path, name: str) -> list[Path]:
+    """Where the export folder's `name` sits for this model (a SavedModel directory: inside or beside it)."""
+    return ([model_path / name] if model_path.is_dir() else []) + [model_path.parent / name]
+
+
 def read_labels(model_path: Path) -> list[str]:
-    """Class names from labels.txt beside the model (for a SavedModel directory: inside it or beside it)."""
-    candidates = [model_path / LABELS_FILE] if model_path.is_dir() else []
-    candidates.append(model_path.parent / LABELS_FILE)
-    for candidate in candidates:
+    """Class names from labels.txt beside the model."""
+    for candidate in _beside(model_path, LABELS_FILE):
         if candidate.exists():
             labels = [line.strip() for line in candidate.read_text(encoding="utf-8").splitlines() if line.strip()]
             if labels:
@@ -61,6 +67,14 @@ def read_labels(model_path: Path) -> list[str]:
     )
 
 
+def read_input_size(model_path: Path) -> int | None:
+    """The side the model resizes to inside, from model_card.json beside it; None without a card."""
+    for candidate in _beside(model_path, MODEL_CARD):
+        if candidate.exists():
+            return int(json.loads(candidate.read_text(encoding="utf-8"))["input"]["resized_inside_to"][0])
+    return None
+
+
 def _group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
@@ -69,12 +83,18 @@ def _group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[
 
 
 class Predictor:
-    """Runs one exported model on uint8 HxWx3 images; images of the same size share a batch."""
+    """Runs one exported model on uint8 HxWx3 images; images of the same size share a batch.
 
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], classes: list[str], kind: str):
+    `image_size` is the side the model resizes to inside: images are decoded toward it, as in
+    training (None: decoded at full size).
+    """
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], classes: list[str], kind: str,
+                 image_size: int | None = None):
         self._run_batch = run_batch
         self.classes = classes
         self.kind = kind
+        self.image_size = image_size
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, classes) float32 probabilities, in the order of `images`."""
@@ -172,7 +192,7 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
         kind, run = "tflite", _tflite_runner(path, threads)
     else:
         raise ModelFormatError(f"{path}: unknown model format; pass a .keras file, a .tflite file or a SavedModel directory")
-    return Predictor(run, read_labels(path), kind)
+    return Predictor(run, read_labels(path), kind, read_input_size(path))
 
 
 # ---------------------------------------------------------------- inputs
@@ -186,29 +206,76 @@ class Source:
     load: Callable[[], np.ndarray]
 
 
+class _Transfer:
+    """One URL download, run in a worker thread so that the caller can stop waiting at its deadline."""
+
+    def __init__(self, url: str, max_bytes: int, timeout_s: float):
+        self.url, self.max_bytes, self.timeout_s = url, max_bytes, timeout_s
+        self.response: requests.Response | None = None
+        self.body = b""
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.body = self._download()
+        except Exception as exc:  # handed to the waiting thread by result()
+            self.error = exc
+
+    def _download(self) -> bytes:
+        try:
+            with requests.get(self.url, stream=True, timeout=self.timeout_s) as response:
+                self.response = response
+                if response.status_code != 200:
+                    raise FetchError(f"HTTP {response.status_code} {response.reason}")
+                declared = response.headers.get("Content-Length")
+                limit = self.max_bytes
+                if declared and declared.isdigit() and int(declared) > limit:
+                    raise FetchError(f"{declared} bytes exceeds the {limit}-byte limit (--max-bytes)")
+                body = bytearray()
+                for chunk in response.iter_content(1 << 16):
+                    body += chunk
+                    if len(body) > limit:
+                        raise FetchError(f"more than {limit} bytes (--max-bytes)")
+        except requests.Timeout:  # one socket wait reached timeout_s, so the whole transfer did too
+            raise _too_slow(self.timeout_s) from None
+        except requests.RequestException as exc:
+            raise FetchError(f"download failed: {exc}") from None
+        return bytes(body)
+
+    def abort(self) -> None:
+        """End a body read in progress now (urllib3 shuts the socket down for exactly this)."""
+        if self.response is not None:
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                self.response.raw.shutdown()
+
+    def result(self) -> bytes:
+        if self.error is not None:
+            raise self.error
+        return self.body
+
+
+def _too_slow(timeout_s: float) -> FetchError:
+    return FetchError(f"took longer than {timeout_s:g} s (--timeout)")
+
+
 def fetch_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
-    """Stream an http(s) URL into memory, refusing other schemes, oversize bodies and slow servers."""
+    """Download an http(s) URL into memory, refusing other schemes, oversize bodies and slow servers.
+
+    `timeout_s` bounds the whole transfer. requests' own timeout bounds each socket wait only, so a
+    server trickling a byte a second would never trip it: the transfer runs in a daemon thread that
+    is given up at the deadline (its socket shut down, so a body read stops at once).
+    """
     scheme = urlsplit(url).scheme.lower()
     if scheme not in URL_SCHEMES:
         raise FetchError(f"scheme '{scheme}' is not allowed; only http and https URLs are fetched")
-    deadline = time.monotonic() + timeout_s
-    try:
-        with requests.get(url, stream=True, timeout=timeout_s) as response:
-            if response.status_code != 200:
-                raise FetchError(f"HTTP {response.status_code} {response.reason}")
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise FetchError(f"{declared} bytes exceeds the {max_bytes}-byte limit (--max-bytes)")
-            body = bytearray()
-            for chunk in response.iter_content(1 << 16):
-                body += chunk
-                if len(body) > max_bytes:
-                    raise FetchError(f"more than {max_bytes} bytes (--max-bytes)")
-                if time.monotonic() > deadline:
-                    raise FetchError(f"took longer than {timeout_s:g} s (--timeout)")
-    except requests.RequestException as exc:
-        raise FetchError(f"download failed: {exc}") from None
-    return bytes(body)
+    transfer = _Transfer(url, max_bytes, timeout_s)
+    worker = threading.Thread(target=transfer.run, name=f"fetch {url}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        transfer.abort()
+        raise _too_slow(timeout_s)
+    return transfer.result()
 
 
 def is_url(text: str) -> bool:
@@ -224,14 +291,17 @@ def _unusable(reason: str) -> Callable[[], np.ndarray]:
     return fail
 
 
-def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float) -> Iterator[Source]:
+def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float,
+                  image_size: int | None = None) -> Iterator[Source]:
     """Files as given, folders walked recursively (image file names only), URLs fetched lazily.
 
+    Images are decoded toward `image_size` (the model's input side), as training decoded them.
     Inputs that cannot be used become sources that fail when loaded, so errors come out in input order.
     """
+    decode = partial(load_rgb, target_size=image_size)
     for text in inputs:
         if is_url(text):
-            yield Source(text, lambda url=text: load_rgb(fetch_url(url, max_bytes, timeout_s)))
+            yield Source(text, lambda url=text: decode(fetch_url(url, max_bytes, timeout_s)))
             continue
         path = Path(text)
         if path.is_dir():
@@ -239,9 +309,9 @@ def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float) -> It
             if not found:
                 yield Source(text, _unusable("folder holds no image files"))
             for image in found:
-                yield Source(str(image), lambda p=image: load_rgb(p))
+                yield Source(str(image), partial(decode, image))
         elif path.exists():
-            yield Source(text, lambda p=path: load_rgb(p))
+            yield Source(text, partial(decode, path))
         else:
             yield Source(text, _unusable("no such file or folder"))
 
@@ -309,7 +379,7 @@ def predict_inputs(predictor: Predictor, inputs: Sequence[str], k: int, fmt: str
         print(f"headstart predict: {name}: {reason}", file=stderr)
 
     writer = _Writer(fmt, k, stdout)
-    for chunk in _chunks(expand_inputs(inputs, max_bytes, timeout_s), CHUNK):
+    for chunk in _chunks(expand_inputs(inputs, max_bytes, timeout_s, predictor.image_size), CHUNK):
         names, images = [], []
         for source in chunk:
             try:
@@ -329,6 +399,11 @@ def main(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     predictor = load_predictor(args.model)
+    if predictor.image_size is None:
+        print(f"headstart predict: warning: no {MODEL_CARD} beside {args.model}, so its input size is "
+              "unknown: images are decoded at full size (more memory; large photos come out slightly "
+              f"differently than in training). Copy the export folder's {MODEL_CARD} next to the model.",
+              file=sys.stderr)
     k = min(args.top_k, len(predictor.classes))
     failures = predict_inputs(predictor, args.inputs, k, args.format, sys.stdout, sys.stderr,
                               max_bytes=args.max_bytes, timeout_s=args.timeout)
