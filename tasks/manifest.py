@@ -29,17 +29,18 @@ def read_split_manifest(path: Path) -> pd.DataFrame:
         raise ManifestError(f"{path}: missing column(s) {', '.join(absent)}; rerun `headstart split`")
     if manifest.empty:
         raise ManifestError(f"{path}: no rows; rerun `headstart download` and `headstart split`")
-    problems = {
-        "split": (~manifest["split"].isin(SPLITS), lambda v: f"split {v!r}; expected one of {SPLITS}"),
-        "sha256": (~manifest["sha256"].str.fullmatch(r"[0-9a-f]{64}"), lambda v: f"sha256 {v!r}, not 64 hex digits"),
-        "path": (manifest["path"] == "", lambda v: "an empty path"),
-        "label": (manifest["label"] == "", lambda v: "an empty label"),
-    }
-    for column, (bad, describe) in problems.items():
+    checks = [
+        ("split", ~manifest["split"].isin(SPLITS), "split {!r}; expected one of " + str(SPLITS)),
+        ("sha256", ~manifest["sha256"].str.fullmatch(r"[0-9a-f]{64}"), "sha256 {!r}, not 64 hex digits"),
+        ("path", manifest["path"] == "", "an empty path"),
+        ("label", manifest["label"] == "", "an empty label"),
+    ]
+    for column, bad, problem in checks:
         if bad.any():
-            row = manifest.loc[bad].iloc[0]
-            line = int(bad.to_numpy().argmax()) + 2  # header is line 1
+            first = int(bad.to_numpy().argmax())  # line first + 2: the header is line 1
+            row = manifest.iloc[first]
             raise ManifestError(
-                f"{path}: line {line} ({row['path'] or 'no path'}) has {describe(row[column])}; rerun `headstart split`"
+                f"{path}: line {first + 2} ({row['path'] or 'no path'}) has {problem.format(row[column])}; "
+                "rerun `headstart split`"
             )
     return manifest
