@@ -263,7 +263,8 @@ def fetch_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
 
     `timeout_s` bounds the whole transfer. requests' own timeout bounds each socket wait only, so a
     server trickling a byte a second would never trip it: the transfer runs in a daemon thread that
-    is given up at the deadline (its socket shut down, so a body read stops at once).
+    is given up at the deadline. Its socket is shut down when the body has started, which stops the
+    thread at once; a server still trickling headers keeps it (not the caller) until it stops.
     """
     scheme = urlsplit(url).scheme.lower()
     if scheme not in URL_SCHEMES:
