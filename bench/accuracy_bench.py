@@ -24,8 +24,10 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import keras  # noqa: E402
+from docs_section import DOCS, write_section  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
 from tasks import download, features, finetune, split, train_head  # noqa: E402
@@ -36,8 +38,6 @@ from tasks.model import describe_device  # noqa: E402
 from tasks.params import Params, load_params  # noqa: E402
 
 STAGES = {"download": download, "split": split, "features": features, "train_head": train_head, "finetune": finetune}
-DOCS = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- accuracy-bench:start -->", "<!-- accuracy-bench:end -->"
 MINORITY_KEEP = 0.1  # fraction of train images kept for the minority classes
 
 
@@ -123,7 +123,6 @@ def markdown(params: Params, balanced: dict[str, Any], imbalanced: dict[str, Any
     head, ft, seconds = balanced["head"], balanced["finetune"], balanced["seconds"]
     p, f = params.finetune, params.features
     lines = [
-        START,
         "## Accuracy: head-only vs fine-tuned (bench/accuracy_bench.py)",
         "",
         f"`{command}` on {describe_device()}, Keras {keras.__version__}; "
@@ -158,20 +157,7 @@ def markdown(params: Params, balanced: dict[str, Any], imbalanced: dict[str, Any
                 f"| {weighting} | {r['head']['accuracy']:.4f} | {r['head']['macro_f1']:.4f} | {r['finetune']['accuracy']:.4f} | "
                 f"{r['finetune']['macro_f1']:.4f} | {sum(r['seconds'].values()):.1f} s |"
             )
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_docs(section: str) -> None:
-    """Replace only this benchmark's section of docs/benchmarks.md (other sections belong to other benches)."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
 
 
 def main() -> int:
@@ -192,7 +178,7 @@ def main() -> int:
     print(section)
     (args.root / "results.json").write_text(json.dumps({"balanced": balanced, "imbalanced": imbalanced}, indent=2))
     if args.write_docs:
-        write_docs(section)
+        write_section("accuracy-bench", section)
     gain = balanced["finetune"]["accuracy"] - balanced["head"]["accuracy"]
     if gain <= 0:
         print(f"FAIL: fine-tuned test accuracy does not beat head-only ({gain:+.4f})", file=sys.stderr)

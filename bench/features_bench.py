@@ -42,8 +42,9 @@ from tasks.layout import Layout  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tests.conftest import FASHION_CLASSES, FASHION_DIR, read_idx  # noqa: E402
 
-DOCS = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- features-bench:start -->", "<!-- features-bench:end -->"
+sys.path.insert(0, str(REPO / "bench"))
+from docs_section import write_section  # noqa: E402
+
 FLOP_PER_CYCLE_AVX2 = 32  # 2 FMA units x 8 float32 lanes x 2 FLOP
 
 
@@ -217,14 +218,7 @@ def table(sp: dict, rss: list[dict], args: argparse.Namespace) -> str:
 
 
 def write_docs(text: str, command: str) -> None:
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\nMeasured figures; each section says the command that produced it.\n"
-    section = f"{START}\n## features stage\n\n`{command}`\n\n{text}\n{END}"
-    if START in current and END in current:
-        current = current[: current.index(START)] + section + current[current.index(END) + len(END):]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(current)
+    write_section("features-bench", f"## features stage\n\n`{command}`\n\n{text}")
 
 
 def main() -> None:

@@ -672,10 +672,12 @@ def cut_points(backbone: Backbone) -> dict[str, int]:
     return points
 
 
-def resolve_unfreeze_index(backbone: Backbone, unfreeze_from: str | int | None, top_blocks: int) -> int:
-    """Index of the first base layer to train: a cut point or layer name, an index, or the top N blocks."""
+def resolve_unfreeze_index(backbone: Backbone, unfreeze_from: str | int | None, top_blocks: int | str) -> int:
+    """Index of the first base layer to train: a cut point or layer name, an index, the top N blocks or all."""
     layers = backbone.base.layers
     points = cut_points(backbone)
+    if unfreeze_from is None and top_blocks == "all":
+        return 0
     if unfreeze_from is None:
         if top_blocks < 0 or top_blocks > len(points):
             raise ValueError(f"top_blocks {top_blocks} for {backbone.spec.name}: it has {len(points)} blocks")

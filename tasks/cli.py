@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tasks.layout import Layout
-from tasks.params import STAGES, ParamsError, load_params
+from tasks.params import STAGES, TOOLS, ParamsError, load_params
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
         _common(commands.add_parser(stage, help=f"run the {stage} stage"))
+    _common(commands.add_parser("lr_find", help="learning-rate range test for finetune (plot + suggestion in reports/)"))
 
     commands.add_parser("backbones", help="list the backbones and their defaults")
     inspect = commands.add_parser("inspect", help="print a backbone's layers and fine-tuning cut points")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        if args.command in STAGES:
+        if args.command in STAGES + TOOLS:
             _run_stage(args.command, args)
             return 0
         if args.command == "backbones":

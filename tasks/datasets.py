@@ -7,13 +7,19 @@ identical pixels.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from tasks.files import atomic_path
 from tasks.images import load_rgb
+
+CACHE_BATCH = 64
 
 
 def resizing_layer(image_size: int, interpolation: str = "bilinear") -> layers.Resizing:
@@ -44,3 +50,30 @@ def image_dataset(
     if labels is not None:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.int32))))
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def cached_images(
+    paths: Sequence[str], keys: Sequence[str], image_size: int, interpolation: str, folder: Path
+) -> np.ndarray:
+    """The images decoded and resized once, as uint8 (N, S, S, 3) on disk, memory-mapped.
+
+    Training epochs read this array instead of decoding files again; memory-mapping keeps the
+    process's own memory at a batch while the OS caches what fits. The file is named by the
+    images' content hashes (`keys`), the size and the interpolation; other cache files are removed.
+    Pixels go through the same decode and Resizing layer as evaluation and serving, rounded to uint8.
+    """
+    digest = hashlib.sha256(json.dumps([list(keys), image_size, interpolation]).encode()).hexdigest()[:20]
+    target = folder / f"images-{digest}.npy"
+    if not target.exists():
+        with atomic_path(target, suffix=".npy") as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3))
+            row = 0
+            for batch in image_dataset(paths, None, image_size, CACHE_BATCH, interpolation):
+                array[row : row + len(batch)] = np.clip(np.rint(batch.numpy()), 0, 255).astype(np.uint8)
+                row += len(batch)
+            array.flush()
+            del array
+        for stale in folder.glob("images-*.npy"):
+            if stale != target:
+                stale.unlink(missing_ok=True)
+    return np.load(target, mmap_mode="r")

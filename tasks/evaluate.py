@@ -9,7 +9,6 @@ scikit-learn's metrics on those predictions. Outputs: `metrics.json` (stable dot
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -27,13 +26,15 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from tasks.artifacts import live_dir, load_model, load_split, read_features_info, read_json
 from tasks.datasets import image_dataset
-from tasks.files import atomic_path, atomic_write_json, atomic_write_text
+from tasks.figures import save_figure
+from tasks.files import atomic_write_json, atomic_write_text
 from tasks.images import load_rgb
 from tasks.layout import Layout
 from tasks.manifest import read_split_manifest
+from tasks.model import with_flip_tta
 from tasks.params import Params
-from tasks.train_head import live_dir, load_split, read_features_info
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +47,6 @@ class EvaluateError(ValueError):
 
 class QualityGateError(ValueError):
     """The final model's test accuracy is below `evaluate.assert_min_accuracy`."""
-
-
-def read_json(path: Path, stage: str) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `headstart {stage}` first")
-    return json.loads(path.read_text())
-
-
-def load_model(path: Path, stage: str) -> keras.Model:
-    """Load a `.keras` file in safe mode (no Lambda layers or custom code are trusted)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `headstart {stage}` first")
-    return keras.models.load_model(path, safe_mode=True, compile=False)
 
 
 def top_k_accuracy(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
@@ -129,12 +117,6 @@ def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info:
     return model.predict(dataset, verbose=0)
 
 
-def _save_figure(figure: Figure, target: Path) -> None:
-    """Figures are built with matplotlib's object API (no pyplot state, no display backend)."""
-    with atomic_path(target, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-
-
 def plot_confusion(matrix: np.ndarray, classes: list[str], target: Path) -> None:
     """Heat map coloured by row-normalised recall, annotated with the counts."""
     size = max(4.0, 0.6 * len(classes) + 2)
@@ -151,7 +133,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], target: Path) -> None
         for (row, col), count in np.ndenumerate(matrix):
             axis.text(col, row, str(count), ha="center", va="center", fontsize=8,
                       color="white" if rates[row, col] > 0.5 else "black")
-    _save_figure(figure, target)
+    save_figure(figure, target)
 
 
 def plot_training_curves(live_root: Path, target: Path) -> int:
@@ -180,7 +162,7 @@ def plot_training_curves(live_root: Path, target: Path) -> int:
     if not panels:
         axes[0][0].text(0.5, 0.5, f"no dvclive curves under {live_root}", ha="center", va="center")
     figure.tight_layout()
-    _save_figure(figure, target)
+    save_figure(figure, target)
     return len(panels)
 
 
@@ -203,7 +185,7 @@ def plot_misclassified(rows: pd.DataFrame, probs: np.ndarray, classes: list[str]
         axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
     figure.suptitle("Most confident mistakes (test split, final model)", fontsize=10)
     figure.tight_layout()
-    _save_figure(figure, target)
+    save_figure(figure, target)
     return worst
 
 
@@ -219,7 +201,9 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, confusions: pd.DataFrame,
                  worst: pd.DataFrame, info: dict[str, Any], gate: str) -> None:
     summary = []
-    for model, scores in (("final", metrics), ("head only", metrics["head"])):
+    compared = [("final", metrics), ("final without flip TTA", metrics.get("without_tta", {})),
+                ("head only", metrics["head"])]
+    for model, scores in compared:
         for split in EVAL_SPLITS:
             if split in scores:
                 s = scores[split]
@@ -274,10 +258,14 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             f"{layout.finetune_dir / 'info.json'} lists {classes}: rerun train_head and finetune"
         )
     head = load_model(layout.head_dir / "head.keras", "train_head")
-    model = load_model(layout.finetune_dir / "model.keras", "finetune")
+    plain = load_model(layout.finetune_dir / "model.keras", "finetune")
+    model = with_flip_tta(plain) if p.tta_flip else plain  # what export will serve
     rows = _split_rows(layout, classes)
 
-    metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": bool(info.get("fine_tuned")), "head": {}}
+    metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": bool(info.get("fine_tuned")),
+                               "tta_flip": p.tta_flip, "head": {}}
+    if p.tta_flip:
+        metrics["without_tta"] = {}
     final_probs: dict[str, np.ndarray] = {}
     for split, frame in rows.items():
         npz = layout.features_dir / f"{split}.npz"
@@ -290,6 +278,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         metrics["head"][split] = classification_metrics(labels, head.predict(features, verbose=0), p.top_k)
         final_probs[split] = predict_images(model, layout, frame, info, params.features.batch_size)
         metrics[split] = classification_metrics(frame["y"].to_numpy(), final_probs[split], p.top_k)
+        if p.tta_flip:
+            plain_probs = predict_images(plain, layout, frame, info, params.features.batch_size)
+            metrics["without_tta"][split] = classification_metrics(frame["y"].to_numpy(), plain_probs, p.top_k)
         log.info("evaluate: %s accuracy %.4f (head only %.4f) on %d images", split, metrics[split]["accuracy"],
                  metrics["head"][split]["accuracy"], len(frame))
 

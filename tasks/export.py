@@ -24,12 +24,13 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from tasks.artifacts import load_model, read_json
 from tasks.datasets import resizing_layer
-from tasks.evaluate import load_model, read_json
 from tasks.files import atomic_directory, atomic_write_json, sha256_file
 from tasks.images import load_rgb
 from tasks.layout import Layout
 from tasks.manifest import read_split_manifest
+from tasks.model import with_flip_tta
 from tasks.params import Params
 from tasks.predict import (
     INPUT_NAME,
@@ -172,6 +173,7 @@ def model_card(params: Params, layout: Layout, info: dict[str, Any], files: dict
         "backbone": info.get("backbone"),
         "weights_id": info.get("weights_id"),
         "fine_tuned": info.get("fine_tuned"),
+        "tta_flip": params.evaluate.tta_flip,
         "input": {
             "name": INPUT_NAME, "dtype": "uint8", "shape": [None, None, None, 3], "color": "RGB, 0..255, upright",
             "resized_inside_to": [image_size, image_size], "interpolation": info.get("interpolation", "bilinear"),
@@ -198,7 +200,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     info = read_json(layout.finetune_dir / "info.json", "finetune")
     classes = list(info["classes"])
     image_size = int(info["image_size"])
-    model = serving_model(load_model(layout.finetune_dir / "model.keras", "finetune"), image_size,
+    classifier = load_model(layout.finetune_dir / "model.keras", "finetune")
+    # the model evaluate scored: with flip test-time augmentation when evaluate.tta_flip is on
+    model = serving_model(with_flip_tta(classifier) if params.evaluate.tta_flip else classifier, image_size,
                           info.get("interpolation", "bilinear"))
     images, labels = _test_images(layout, classes, image_size)
     reference = _predict_all(Predictor(keras_runner(model), classes, "keras"), images)

@@ -42,21 +42,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tasks.backbones import Backbone, build_feature_extractor, load_backbone
 from tasks.datasets import image_dataset, resizing_layer
-from tasks.files import atomic_directory, atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from tasks.files import (
+    STALE_TEMP_S,
+    atomic_directory,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temps,
+    sha256_file,
+)
 from tasks.layout import Layout
+from tasks.manifest import SPLITS, read_split_manifest
 from tasks.params import FeaturesParams, Params
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-REQUIRED_COLUMNS = ("path", "label", "split", "sha256")
 # Names the augmentation recipe in `_augment`; change it whenever that function changes.
 AUGMENT_ID = "flip-crop80-rot10-v1"
 MAX_ROTATION_RAD = np.deg2rad(10.0)
 MIN_CROP_SCALE = 0.8
 GATHER_ROWS = 2048  # rows assembled and written at a time
 OPEN_SHARDS = 8  # shards kept in memory while assembling
-STALE_TEMP_S = 3600  # a temp file this old was left by a killed run
 
 
 class FeaturesError(ValueError):
@@ -68,30 +74,6 @@ class CorruptShard(ValueError):
 
 
 # ---------------------------------------------------------------- manifest
-
-
-def read_manifest(path: Path) -> pd.DataFrame:
-    """The split manifest, checked for the columns and values this stage relies on."""
-    if not path.exists():
-        raise FileNotFoundError(f"split manifest {path} not found; run `headstart split` first")
-    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
-    absent = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
-    if absent:
-        raise FeaturesError(f"{path}: missing column(s) {', '.join(absent)}; rerun `headstart split`")
-    if manifest.empty:
-        raise FeaturesError(f"{path}: no rows; rerun `headstart download` and `headstart split`")
-    bad_split = manifest.loc[~manifest["split"].isin(SPLITS)]
-    if not bad_split.empty:
-        row = bad_split.iloc[0]
-        raise FeaturesError(f"{path}: row for {row['path']} has split {row['split']!r}; expected one of {SPLITS}")
-    bad_sha = manifest.loc[~manifest["sha256"].str.fullmatch(r"[0-9a-f]{64}")]
-    if not bad_sha.empty:
-        row = bad_sha.iloc[0]
-        raise FeaturesError(f"{path}: row for {row['path']} has sha256 {row['sha256']!r}, not 64 hex digits")
-    empty = manifest.loc[(manifest["path"] == "") | (manifest["label"] == "")]
-    if not empty.empty:
-        raise FeaturesError(f"{path}: row {int(empty.index[0]) + 2} has an empty path or label")
-    return manifest
 
 
 # ---------------------------------------------------------------- cache
@@ -431,7 +413,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         timings[name] = round(now - clock, 3)
         clock = now
 
-    manifest = read_manifest(layout.split_manifest)
+    remove_stale_temps(layout.features_dir, layout.backbone_dir / "*")
+    manifest = read_split_manifest(layout.split_manifest)
     classes = sorted(manifest["label"].unique())
     manifest["label_index"] = manifest["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int32)
     manifest["split_order"] = manifest["split"].map(SPLITS.index)

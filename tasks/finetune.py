@@ -1,12 +1,13 @@
-"""finetune stage: train the top of the backbone together with the trained head, on images.
+"""finetune stage: train the backbone together with the trained head, on images.
 
-The model is the head-trained classifier (warm start): preprocessing -> base(training=False) ->
-pooling -> head. Layers from the cut point up are unfrozen except BatchNormalization, the model is
-recompiled, and it trains at a low learning rate on streamed, augmented image batches. Each
-epoch is checkpointed (weights + optimizer + early-stopping state) under a key of every input, so
-a killed run resumes where it stopped and reaches the same weights as an uninterrupted one. The
-model before the first epoch is the baseline: if no epoch beats its validation loss, the head-only
-model is kept.
+The model is the head-trained classifier (warm start): preprocessing -> base -> pooling -> head.
+The layers from the cut point up train (by default all of them, BatchNorm statistics included),
+recompiled with AdamW under a one-cycle schedule and label smoothing: the recipe measured best in
+docs/benchmarks.md. Images are decoded and resized once into a uint8 cache; epochs stream batches
+from it through `model.fit`. Each epoch is checkpointed (weights + optimizer state) under a key of
+every input, so a killed run resumes where it stopped and reaches the same weights as an
+uninterrupted one. The model before the first epoch is the baseline: if no epoch beats its
+validation loss, the head-only model is kept.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,27 +29,27 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 from dvclive import Live
+from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
-from tasks.backbones import Backbone, load_backbone, resolve_unfreeze_index
-from tasks.datasets import image_dataset
-from tasks.files import atomic_directory, atomic_path, atomic_write_json, sha256_file
+from tasks.artifacts import class_weights, live_dir, read_features_info, read_json
+from tasks.datasets import cached_images
+from tasks.files import atomic_directory, remove_stale_temps, sha256_file
 from tasks.layout import Layout
-from tasks.model import (
-    build_augmentation,
-    build_classifier,
-    freeze_batch_norm,
-    require_trained_weights,
-    reseed,
-    runtime_info,
-    seed_everything,
-)
+from tasks.manifest import read_split_manifest
+from tasks.model import require_trained_weights, reseed, runtime_info, seed_everything
 from tasks.params import FinetuneParams, Params
-from tasks.train_head import class_weights, live_dir, read_features_info
+from tasks.training import (
+    HISTORY_COLUMNS,
+    EpochCheckpoints,
+    EpochData,
+    assemble,
+    compile_for_finetuning,
+    configure_trainable,
+    image_rows,
+)
 
 log = logging.getLogger(__name__)
-
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 
 
 class FinetuneError(ValueError):
@@ -99,37 +100,16 @@ def precision(mixed: bool) -> Iterator[None]:
 # ---------------------------------------------------------------- inputs
 
 
-def _read_json(path: Path, stage: str) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the {stage} stage first (headstart {stage})")
-    return json.loads(path.read_text())
-
-
-def read_manifest(layout: Layout) -> pd.DataFrame:
-    path = layout.split_manifest
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the split stage first (headstart split)")
-    manifest = pd.read_csv(path, dtype={"label": str, "split": str, "path": str}, keep_default_na=False)
-    missing = {"path", "label", "split"} - set(manifest.columns)
-    if missing:
-        raise FinetuneError(f"{path}: missing column(s) {sorted(missing)}; rerun the split stage")
-    return manifest
-
-
-def _rows(manifest: pd.DataFrame, split: str, classes: list[str], layout: Layout) -> tuple[list[str], np.ndarray]:
-    rows = manifest[manifest["split"] == split]
-    index = {name: i for i, name in enumerate(classes)}
-    return [str(layout.root / p) for p in rows["path"]], rows["label"].map(index).to_numpy(np.int32)
-
-
 def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
     """Hash of everything the fine-tuned weights depend on; a checkpoint under another key is never resumed.
 
-    `epochs` is left out: the weights after epoch k do not depend on how many epochs were planned,
-    so raising finetune.epochs continues a finished run instead of starting again.
+    With a constant learning rate `epochs` is left out: the weights after epoch k do not depend on
+    how many epochs were planned, so raising finetune.epochs continues a finished run. Any other
+    schedule is stretched over all the epochs, so there it is part of the key.
     """
+    exclude = {"enabled", "epochs"} if params.finetune.schedule == "constant" else {"enabled"}
     inputs = {
-        "finetune": params.finetune.model_dump(exclude={"enabled", "epochs"}),
+        "finetune": params.finetune.model_dump(exclude=exclude),
         "features": params.features.model_dump(include={"backbone", "weights", "image_size"}),
         "class_weight": params.train_head.class_weight,
         "weights_id": weights_id,
@@ -139,96 +119,7 @@ def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def training_dataset(
-    paths: Sequence[str], labels: np.ndarray, epoch: int, backbone: Backbone, ft: FinetuneParams
-) -> tf.data.Dataset:
-    """One epoch of shuffled, augmented image batches, a pure function of (seed, epoch).
-
-    Images are streamed from disk; the order and the augmentation layers' seeds derive from the
-    epoch, so a resumed run sees exactly the batches an uninterrupted one would.
-    """
-    order = np.random.default_rng([ft.seed, epoch]).permutation(len(paths))
-    ds = image_dataset([paths[i] for i in order], labels[order], backbone.image_size, ft.batch_size,
-                       backbone.spec.interpolation)
-    augment = build_augmentation(ft.augmentation, seed=ft.seed * 1000 + epoch * 10)
-    if augment is None:
-        return ds
-
-    def augmented(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return augment(images, training=True), labels
-
-    # sequential map: the layers' random state advances batch by batch, in order
-    return ds.map(augmented).prefetch(tf.data.AUTOTUNE)
-
-
-def _distribution_options(ds: tf.data.Dataset) -> tf.data.Dataset:
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options)
-
-
 # ---------------------------------------------------------------- model
-
-
-def make_optimizer(ft: FinetuneParams) -> keras.optimizers.Optimizer:
-    if ft.optimizer == "adam":
-        return keras.optimizers.Adam(ft.learning_rate)
-    return keras.optimizers.SGD(ft.learning_rate, momentum=ft.momentum)
-
-
-def unfreeze(model: keras.Model, backbone: Backbone, first_trainable: int) -> dict[str, int]:
-    """Train base layers from `first_trainable` on and the head; BatchNorm and preprocessing stay frozen."""
-    backbone.base.trainable = True
-    for index, layer in enumerate(backbone.base.layers):
-        layer.trainable = index >= first_trainable
-    backbone.preprocess.trainable = False
-    frozen_bn = freeze_batch_norm(model)
-    return {
-        "first_trainable_layer": first_trainable,
-        "first_trainable_name": backbone.base.layers[first_trainable].name if first_trainable < len(backbone.base.layers) else None,
-        "trainable_weights": len(model.trainable_weights),
-        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
-        "frozen_batch_norm_layers": frozen_bn,
-    }
-
-
-def assemble(params: Params, layout: Layout) -> tuple[keras.Model, Backbone]:
-    """The head-trained classifier: backbone (with its weights) composed with the saved head."""
-    features = params.features
-    backbone = load_backbone(features.backbone, features.weights, features.image_size, layout.backbone_dir,
-                             allow_random=features.allow_random_weights)
-    head = keras.saving.load_model(layout.head_dir / "head.keras", compile=False, safe_mode=True)
-    return build_classifier(backbone, head), backbone
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-class Checkpoints:
-    """Per-epoch weights (with optimizer state) plus a state.json naming them, written in that order."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.state_path = folder / "state.json"
-
-    def load(self) -> dict[str, Any] | None:
-        return json.loads(self.state_path.read_text()) if self.state_path.exists() else None
-
-    def save(self, model: keras.Model, state: dict[str, Any], best_improved: bool) -> None:
-        epoch = state["epochs_done"]
-        state["last"] = f"epoch-{epoch}.weights.h5"
-        with atomic_path(self.folder / state["last"], suffix=".weights.h5") as tmp:
-            model.save_weights(tmp)
-        if best_improved:
-            state["best"] = f"best-{epoch}.weights.h5"
-            shutil.copyfile(self.folder / state["last"], self.folder / state["best"])
-        atomic_write_json(self.state_path, state)
-        for old in self.folder.glob("*.weights.h5"):
-            if old.name not in (state["last"], state["best"]):
-                old.unlink()
-
-    def restore(self, model: keras.Model, name: str) -> None:
-        model.load_weights(self.folder / name)
 
 
 # ---------------------------------------------------------------- stage
@@ -240,14 +131,15 @@ def _evaluate(model: keras.Model, val_ds: tf.data.Dataset) -> dict[str, float]:
 
 
 def _write_outputs(target: Path, model: keras.Model, info: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """The classifier without its optimizer (a functional copy sharing the layers): inference needs none."""
     with atomic_directory(target) as staging:
-        model.save(staging / "model.keras")
+        keras.Model(model.inputs, model.outputs, name=model.name).save(staging / "model.keras")
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(staging / "history.csv", index=False)
         (staging / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _log_live(live: Live, history: list[dict[str, Any]]) -> None:
-    """dvclive step 0 is the head-only model, step k the k-th fine-tuning epoch (names as dvclive's Keras callback)."""
+    """Replay finished epochs (step 0 is the head-only model) as dvclive's Keras callback names them."""
     for entry in history:
         for name, value in entry.items():
             if name not in ("epoch", "seconds"):
@@ -255,58 +147,42 @@ def _log_live(live: Live, history: list[dict[str, Any]]) -> None:
         live.next_step()
 
 
-def train_epochs(
-    model: keras.Model,
-    backbone: Backbone,
-    ft: FinetuneParams,
-    state: dict[str, Any],
-    checkpoints: Checkpoints,
-    live: Live,
-    train: tuple[list[str], np.ndarray],
-    val_ds: tf.data.Dataset,
-    weights: dict[int, float] | None,
-) -> None:
-    """Train from the state's next epoch, checkpointing each one; early stopping on validation loss."""
-    for epoch in range(state["epochs_done"], ft.epochs):
-        if state["stopped"]:
-            break
-        reseed(model, ft.seed * 1000 + epoch)
-        train_ds = _distribution_options(training_dataset(*train, epoch, backbone, ft))
-        started = time.perf_counter()
-        fit = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + 1,
-                        class_weight=weights, shuffle=False, verbose=0)
-        entry = {"epoch": epoch + 1, **{k: float(v[-1]) for k, v in fit.history.items()},
-                 "seconds": time.perf_counter() - started}
-        improved = entry["val_loss"] < state["best_val_loss"]
-        state["history"].append(entry)
-        state["epochs_done"] = epoch + 1
-        state["wait"] = 0 if improved else state["wait"] + 1
-        if improved:
-            state["best_val_loss"], state["best_epoch"] = entry["val_loss"], epoch + 1
-        state["stopped"] = 0 < ft.early_stopping_patience <= state["wait"]  # patience 0: never stop early
-        checkpoints.save(model, state, best_improved=improved)
-        _log_live(live, [entry])
-        log.info("finetune: epoch %d/%d loss %.4f acc %.4f val_loss %.4f val_acc %.4f (%.1f s)", epoch + 1,
-                 ft.epochs, entry["loss"], entry["accuracy"], entry["val_loss"], entry["val_accuracy"], entry["seconds"])
+def _check_inputs(classes: list[str], head_info: dict[str, Any], features_info: dict[str, Any], layout: Layout) -> None:
+    for source, listed in (("models/head/info.json", head_info["classes"]),
+                           ("data/features/info.json", features_info["classes"])):
+        if list(listed) != classes:
+            raise FinetuneError(f"{source} lists classes {list(listed)} but {layout.split_manifest} has {classes}: "
+                                "rerun features and train_head")
+
+
+def _fit(model: keras.Model, data: EpochData, ft: FinetuneParams, checkpoints: EpochCheckpoints, live: Live,
+         weights: dict[int, float] | None) -> None:
+    """`model.fit` from the checkpoint's next epoch; EarlyStopping on val loss when a patience is set."""
+    state = checkpoints.state
+    if state["stopped"] or state["epochs_done"] >= ft.epochs:
+        return
+    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    if ft.early_stopping_patience:
+        checkpoints.stopper = keras.callbacks.EarlyStopping("val_loss", patience=ft.early_stopping_patience)
+        callbacks.append(checkpoints.stopper)
+    callbacks += [checkpoints, DVCLiveCallback(live=live)]
+    model.fit(data.train, validation_data=data.val, initial_epoch=state["epochs_done"], epochs=ft.epochs,
+              class_weight=weights, shuffle=False, verbose=0, callbacks=callbacks)
+    state["stopped"] = bool(model.stop_training)
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     ft = params.finetune
     require_trained_weights(params.features)
-    head_info = _read_json(layout.head_dir / "info.json", "train_head")
+    checkpoints_of_each_key = [folder / "*" for folder in layout.checkpoint_dir.glob("*") if folder.is_dir()]
+    remove_stale_temps(layout.finetune_dir, layout.image_cache_dir / "*", *checkpoints_of_each_key)
+    head_info = read_json(layout.head_dir / "info.json", "train_head")
     features_info = read_features_info(layout)
-    manifest = read_manifest(layout)
+    manifest = read_split_manifest(layout.split_manifest)
     classes = sorted(manifest["label"].unique())
-    for source, listed in (("models/head/info.json", head_info["classes"]), ("data/features/info.json", features_info["classes"])):
-        if list(listed) != classes:
-            raise FinetuneError(
-                f"{source} lists classes {list(listed)} but {layout.split_manifest} has {classes}: rerun features and train_head"
-            )
-    train_paths, train_labels = _rows(manifest, "train", classes, layout)
-    val_paths, val_labels = _rows(manifest, "val", classes, layout)
-    if not len(val_paths) or not len(train_paths):
-        raise FinetuneError(f"{layout.split_manifest}: fine-tuning needs train and val images (split.val > 0)")
-    weights = class_weights(params.train_head.class_weight, train_labels, classes)
+    _check_inputs(classes, head_info, features_info, layout)
+    rows, labels, n_train = image_rows(layout, manifest, classes)
+    weights = class_weights(params.train_head.class_weight, labels[:n_train], classes)
 
     strategy = choose_strategy(ft.distribution if ft.enabled else "none")
     chief = is_chief(strategy)
@@ -319,35 +195,42 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                 f"{features_info['image_size']} px, the backbone now loads {backbone.weights_id} at {backbone.image_size} px: "
                 "rerun features and train_head"
             )
-        cut = resolve_unfreeze_index(backbone, ft.unfreeze_from, ft.top_blocks) if ft.enabled else len(backbone.base.layers)
-        trainable = unfreeze(model, backbone, cut)
-        # recompile after changing `trainable`: compile captures the trainable variables
-        model.compile(optimizer=make_optimizer(ft), loss=keras.losses.SparseCategoricalCrossentropy(),
-                      metrics=["accuracy"], jit_compile=ft.jit_compile)
-        model.optimizer.build(model.trainable_variables)
+        trainable, blocks = configure_trainable(model, backbone, ft)
+        release = compile_for_finetuning(model, blocks, ft, math.ceil(n_train / ft.batch_size))
 
-    val_ds = _distribution_options(image_dataset(val_paths, val_labels, backbone.image_size, ft.batch_size,
-                                                 backbone.spec.interpolation))
+    images = cached_images([str(layout.root / p) for p in rows["path"]], list(rows["sha256"]), backbone.image_size,
+                           backbone.spec.interpolation, layout.image_cache_dir)
+    data = EpochData(images, labels, n_train, len(classes), ft)
     scratch = None if chief else Path(tempfile.mkdtemp(prefix="headstart-worker-"))
     key = checkpoint_key(params, layout, backbone.weights_id)
-    checkpoints = Checkpoints((scratch or layout.checkpoint_dir) / key)
-    state = checkpoints.load() if ft.enabled else None
+    folder = (scratch or layout.checkpoint_dir) / key
+    state = EpochCheckpoints.load(folder) if ft.enabled else None
     if state is not None and state["epochs_done"] > ft.epochs:
-        log.info("finetune: checkpoint %s ran %d epochs, more than the %d asked: starting again", checkpoints.folder,
+        log.info("finetune: checkpoint %s ran %d epochs, more than the %d asked: starting again", folder,
                  state["epochs_done"], ft.epochs)
         state = None
     resumed_from = state["epochs_done"] if state else 0
+
+    def before_epoch(epoch: int) -> None:
+        reseed(model, ft.seed * 1000 + epoch)
+        data.start_epoch(epoch)
+        release(epoch)
+
+    checkpoints = EpochCheckpoints(folder, state or {}, before_epoch, stopper=None)
+    checkpoints.set_model(model)
     if state is None:
-        baseline = {"epoch": 0, **_evaluate(model, val_ds)}
-        state = {"epochs_done": 0, "history": [baseline], "best_val_loss": baseline["val_loss"], "best_epoch": 0,
-                 "wait": 0, "stopped": False}
+        baseline = {"epoch": 0, **_evaluate(model, data.val)}
+        checkpoints.state = {"epochs_done": 0, "history": [baseline], "best_val_loss": baseline["val_loss"],
+                             "best_epoch": 0, "wait": 0, "stopped": False}
         if ft.enabled:
-            checkpoints.save(model, state, best_improved=True)
+            checkpoints.save(improved=True)
     else:
-        log.info("finetune: resuming from %s after epoch %d", checkpoints.folder, state["epochs_done"])
-        checkpoints.restore(model, state["last"])
+        log.info("finetune: resuming from %s after epoch %d", folder, state["epochs_done"])
+        model.load_weights(folder / state["last"])
+    state = checkpoints.state
     initial = state["history"][0]
-    if abs(initial["val_accuracy"] - head_info["val_accuracy"]) > 1.0 / len(val_labels) + 1e-6:
+    # uint8 rounding of the cached pixels flips a few borderline images against the cached features
+    if abs(initial["val_accuracy"] - head_info["val_accuracy"]) > max(2.0 / (len(labels) - n_train), 0.005) + 1e-6:
         log.warning("finetune: the assembled model's val accuracy %.4f differs from the head's %.4f on cached "
                     "features: check that features were computed with the same backbone and preprocessing",
                     initial["val_accuracy"], head_info["val_accuracy"])
@@ -355,8 +238,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     live = Live(str(live_dir(layout, "finetune") if chief else scratch / "live"), dvcyaml=None, save_dvc_exp=False)
     _log_live(live, state["history"])
     if ft.enabled:
-        train_epochs(model, backbone, ft, state, checkpoints, live, (train_paths, train_labels), val_ds, weights)
-        checkpoints.restore(model, state["best"])
+        _fit(model, data, ft, checkpoints, live, weights)
+        model.load_weights(folder / state["best"])
 
     history = state["history"]
     best = history[state["best_epoch"]]
@@ -378,6 +261,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         "initial_val_accuracy": initial["val_accuracy"],
         "head_val_accuracy": head_info["val_accuracy"],
         "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+        "train_images_per_second": n_train / float(np.mean(epoch_seconds)) if epoch_seconds else None,
         "replicas": strategy.num_replicas_in_sync,
         "class_weight": weights,
         "checkpoint_key": key,

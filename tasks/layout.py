@@ -75,6 +75,11 @@ class Layout:
         """Per-epoch fine-tuning checkpoints, kept across interrupted runs (not a DVC out)."""
         return self.root / "data" / "cache" / "finetune_checkpoints"
 
+    @property
+    def image_cache_dir(self) -> Path:
+        """Decoded, resized training images (uint8, memory-mapped), rebuilt when the images change."""
+        return self.root / "data" / "cache" / "images"
+
     # evaluate
     @property
     def reports_dir(self) -> Path:

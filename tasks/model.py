@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -75,6 +76,25 @@ def build_classifier(backbone: Any, head: keras.Model) -> keras.Model:
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = head(x)
     return keras.Model(inputs, outputs, name="classifier")
+
+
+def with_flip_tta(classifier: keras.Model) -> keras.Model:
+    """Test-time augmentation: the mean of the classifier's probabilities for the image and its mirror image.
+
+    The mirror is a fixed Dense layer holding the anti-diagonal identity, applied to the width axis
+    between two Permute layers: built-in layers only, so the model still loads with `safe_mode=True`,
+    and exact in float32 (each output pixel is one input pixel times 1).
+    """
+    height, width, channels = classifier.input_shape[1:]
+    image = keras.Input((height, width, channels), dtype="float32", name="image")
+    mirror = layers.Dense(width, use_bias=False, trainable=False, name="mirror_width")
+    mirrored = layers.Permute((1, 3, 2), name="width_last")(image)
+    mirrored = layers.Permute((1, 3, 2), name="width_back")(mirror(mirrored))
+    mirror.set_weights([np.eye(width, dtype="float32")[::-1]])
+    # a loaded functional model returns its single output as a one-element list
+    outputs = [keras.tree.flatten(classifier(x))[0] for x in (image, mirrored)]
+    mean = layers.Average(name="flip_tta_mean")(outputs)
+    return keras.Model(image, mean, name=f"{classifier.name}_flip_tta")
 
 
 def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequential | None:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 STAGES = ("download", "split", "features", "train_head", "finetune", "evaluate", "export")
+TOOLS = ("lr_find",)  # run like a stage (same params and layout), outside the pipeline
 
 
 class ParamsError(ValueError):
@@ -98,8 +99,8 @@ class TrainHeadParams(_Section):
 
 
 class AugmentationParams(_Section):
-    """Flip only by default: on the default run, rotation/zoom/translation/contrast made every
-    fine-tuning epoch worse on val than the head (docs/benchmarks.md); photos usually gain from them."""
+    """Flip only by default: rotation/zoom/translation/contrast cost accuracy on small grayscale images
+    upscaled to the backbone (docs/benchmarks.md); photos usually gain from them."""
 
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
     rotation: float = Field(0.0, ge=0, le=0.5, description="Fraction of a full turn; 0 turns it off.")
@@ -109,17 +110,34 @@ class AugmentationParams(_Section):
 
 
 class FinetuneParams(_Section):
+    """The recipe measured in docs/benchmarks.md: every layer trains, BatchNorm statistics follow the new
+    images, AdamW under a one-cycle schedule with label smoothing. Each knob can take the old recipe back
+    (top_blocks: 4, batch_norm: frozen, optimizer: sgd, learning_rate: 1e-4, schedule: constant)."""
+
     enabled: bool = True
     unfreeze_from: str | int | None = Field(
-        None, description="First layer to train, by name or index; null uses top_blocks."
+        None, description="First backbone layer to train, by cut point, layer name or index; null uses top_blocks."
     )
-    top_blocks: int = Field(4, ge=0, description="Unfreeze the top N blocks of the backbone.")
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    learning_rate: float = Field(1e-4, gt=0, le=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    epochs: int = Field(3, ge=1)
+    top_blocks: int | Literal["all"] = Field("all", description="Train the top N blocks of the backbone, or all.")
+    batch_norm: Literal["train", "frozen"] = Field(
+        "train", description="train: statistics follow the new images; frozen: inference mode (old Keras advice)."
+    )
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (`headstart lr_find` suggests one).")
+    weight_decay: float = Field(0.05, ge=0, lt=1, description="Decoupled, on kernels only; adamw and sgd.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    schedule: Literal["constant", "cosine", "one_cycle"] = "one_cycle"
+    warmup_fraction: float = Field(0.2, ge=0, lt=1, description="Share of the steps spent warming up (cosine, one_cycle).")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    backbone_lr_multiplier: float = Field(
+        1.0, gt=0, le=1, description="Backbone learning rate = this x learning_rate (discriminative rates); head x1."
+    )
+    unfreeze_epochs: int = Field(
+        0, ge=0, description="Gradual unfreezing: release the trained blocks top-down over this many epochs; 0 = at once."
+    )
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
-    early_stopping_patience: int = Field(2, ge=0)
+    early_stopping_patience: int = Field(0, ge=0, description="0 disables early stopping (the schedule sets the length).")
     augmentation: AugmentationParams = AugmentationParams()
     mixed_precision: bool = False
     jit_compile: bool = False
@@ -127,11 +145,36 @@ class FinetuneParams(_Section):
     deterministic: bool = True
     seed: int = 42
 
+    @model_validator(mode="after")
+    def _unfreeze_fits(self) -> FinetuneParams:
+        if self.unfreeze_epochs > self.epochs:
+            raise ValueError(f"unfreeze_epochs ({self.unfreeze_epochs}) must not exceed epochs ({self.epochs})")
+        return self
+
+
+class LrFindParams(_Section):
+    """The learning-rate range test (Smith 2015; fastai's `lr_find`) run by `headstart lr_find`."""
+
+    start_lr: float = Field(1e-7, gt=0, lt=1)
+    end_lr: float = Field(1.0, gt=0, le=100)
+    steps: int = Field(100, ge=10, le=10_000, description="Training batches, the rate growing geometrically.")
+    smoothing: float = Field(0.98, ge=0, lt=1, description="Exponential smoothing of the loss curve.")
+    divergence: float = Field(4.0, gt=1, description="Stop once the smoothed loss exceeds this x its minimum.")
+
+    @model_validator(mode="after")
+    def _range_grows(self) -> LrFindParams:
+        if self.end_lr <= self.start_lr:
+            raise ValueError(f"end_lr ({self.end_lr:g}) must be larger than start_lr ({self.start_lr:g})")
+        return self
+
 
 class EvaluateParams(_Section):
     top_k: int = Field(3, ge=1)
     assert_min_accuracy: float | None = Field(None, ge=0, le=1, description="Fail the stage below this test accuracy.")
     gallery_size: int = Field(16, ge=0, le=256)
+    tta_flip: bool = Field(
+        False, description="Average each prediction with its mirror image's; export builds it into the model too."
+    )
 
 
 class ExportParams(_Section):
@@ -152,6 +195,7 @@ class Params(_Section):
     features: FeaturesParams = FeaturesParams()
     train_head: TrainHeadParams = TrainHeadParams()
     finetune: FinetuneParams = FinetuneParams()
+    lr_find: LrFindParams = LrFindParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 

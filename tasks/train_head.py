@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -20,9 +19,9 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from sklearn.metrics import f1_score
-from sklearn.utils.class_weight import compute_class_weight
 
-from tasks.files import atomic_directory
+from tasks.artifacts import class_weights, live_dir, load_split, read_features_info
+from tasks.files import atomic_directory, remove_stale_temps
 from tasks.layout import Layout
 from tasks.model import build_head, require_trained_weights, runtime_info, seed_everything
 from tasks.params import Params, TrainHeadParams
@@ -32,61 +31,6 @@ log = logging.getLogger(__name__)
 
 class TrainHeadError(ValueError):
     """Inputs the head cannot be trained on; the message names the file or key."""
-
-
-def live_dir(layout: Layout, stage: str) -> Path:
-    """Where dvclive logs a stage's per-epoch metrics (declared as metrics/plots in dvc.yaml)."""
-    return layout.root / "live" / stage
-
-
-def read_features_info(layout: Layout) -> dict[str, Any]:
-    path = layout.features_dir / "info.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the features stage first (headstart features)")
-    return json.loads(path.read_text())
-
-
-def load_split(path: Path, num_classes: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 (N, D), labels int32 (N,)) from a features .npz, checked against info.json."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the features stage first (headstart features)")
-    with np.load(path, allow_pickle=False) as data:
-        features = data["features"].astype(np.float32, copy=False)
-        labels = data["labels"].astype(np.int32, copy=False)
-    if features.ndim != 2 or features.shape[1] != feature_dim or len(labels) != len(features):
-        raise TrainHeadError(
-            f"{path}: features {features.shape} / labels {labels.shape} do not match feature_dim={feature_dim} "
-            "in info.json: rerun the features stage"
-        )
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise TrainHeadError(f"{path}: labels outside 0..{num_classes - 1}: rerun the features stage")
-    return features, labels
-
-
-def class_weights(spec: str | dict[str, float], labels: np.ndarray, classes: list[str]) -> dict[int, float] | None:
-    """Keras `class_weight` from params: none, balanced (n / (C * count) on the train split) or per class name.
-
-    Classes missing from an explicit mapping keep weight 1.0.
-    """
-    if spec == "none":
-        return None
-    if spec == "balanced":
-        present = np.bincount(labels, minlength=len(classes))
-        if (present == 0).any():
-            empty = [c for c, n in zip(classes, present, strict=True) if n == 0]
-            raise TrainHeadError(f"class_weight: balanced needs train images of every class; none for {empty}")
-        weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=labels)
-        return {i: float(w) for i, w in enumerate(weights)}
-    unknown = sorted(set(spec) - set(classes))
-    if unknown:
-        raise TrainHeadError(
-            f"train_head.class_weight names unknown class(es) {unknown}; the classes are {classes}. "
-            "Fix the names in params.yaml (they are the class folder names)."
-        )
-    bad = {name: w for name, w in spec.items() if not w > 0}
-    if bad:
-        raise TrainHeadError(f"train_head.class_weight: weights must be > 0, got {bad}")
-    return {i: float(spec.get(name, 1.0)) for i, name in enumerate(classes)}
 
 
 def make_optimizer(params: TrainHeadParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -133,6 +77,7 @@ def _training_data(layout: Layout, params: TrainHeadParams, num_classes: int, di
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.train_head
     require_trained_weights(params.features)
+    remove_stale_temps(layout.head_dir)
     info = read_features_info(layout)
     classes, dim = list(info["classes"]), int(info["feature_dim"])
     x_train, y_train = _training_data(layout, p, len(classes), dim)
@@ -164,7 +109,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         callbacks=[timer, stopper, DVCLiveCallback(live=live)],
     )
     val_loss, val_accuracy = head.evaluate(val_ds, verbose=0)
-    predicted = head.predict(x_val, batch_size=256, verbose=0).argmax(axis=1)
+    # a tf.data input: Keras' NumPy adapter maps in parallel, which op determinism rewrites with a
+    # spurious 'NodeDef mentions attribute use_unbounded_threadpool' error line (TF 2.21)
+    predicted = head.predict(val_ds, verbose=0).argmax(axis=1)
     metrics = {
         "val_loss": float(val_loss),
         "val_accuracy": float(val_accuracy),

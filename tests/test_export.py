@@ -137,6 +137,33 @@ def test_subset_of_formats(trained_tree, tmp_path):
     assert not list(target.glob(".export.*"))
 
 
+def test_flip_tta_is_evaluated_exported_and_exact(trained_tree, tmp_path):
+    """evaluate.tta_flip: evaluate reports both numbers, export serves the averaged model, parity holds."""
+    from tasks import evaluate
+    from tasks.model import with_flip_tta
+
+    target = tmp_path / "tta"
+    shutil.copytree(trained_tree.root, target, ignore=shutil.ignore_patterns("cache", "backbone", "export"))
+    (target / "data" / "backbone").symlink_to(trained_tree.backbone_dir, target_is_directory=True)
+    layout = Layout(target)
+    params = trained_params(target, evaluate={"tta_flip": True}, export={"formats": ["keras", "tflite_float32"]})
+    metrics = evaluate.run(params, layout)
+    parity = export.run(params, layout)
+
+    assert metrics["tta_flip"] and set(metrics["without_tta"]) == set(metrics["head"]) >= {"test"}
+    assert "final without flip TTA" in (layout.reports_dir / "evaluation.md").read_text()
+    assert parity["reference"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert parity["tflite_float32"]["agreement"] >= 0.99
+    assert json.loads((layout.export_dir / "model_card.json").read_text())["tta_flip"] is True
+
+    classifier = keras.models.load_model(layout.finetune_dir / "model.keras", safe_mode=True)
+    images = np.random.default_rng(0).uniform(0, 255, (4, *classifier.input_shape[1:])).astype("float32")
+    expected = (classifier.predict(images, verbose=0) + classifier.predict(images[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(with_flip_tta(classifier).predict(images, verbose=0), expected, atol=1e-6)
+    exported = keras.models.load_model(layout.export_dir / "model.keras", safe_mode=True)
+    assert any(layer.name == "flip_tta_mean" for layer in all_layers(exported))
+
+
 @pytest.mark.parametrize(
     ("formats", "message"),
     [([], "export.formats' has value []"), (["keras", "onnx"], "export.formats.1' has value 'onnx'")],

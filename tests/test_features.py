@@ -25,6 +25,7 @@ from tasks import cli, features
 from tasks.backbones import build_feature_extractor, load_backbone
 from tasks.datasets import image_dataset
 from tasks.layout import Layout
+from tasks.manifest import ManifestError
 from tasks.params import load_params
 from tests.conftest import FASHION_CLASSES
 
@@ -277,7 +278,7 @@ def test_bad_manifest_rows_are_named(tmp_path, project, column, value, message):
     else:
         manifest.loc[2, column] = value
     manifest.to_csv(layout.split_manifest, index=False)
-    with pytest.raises(features.FeaturesError, match=message):
+    with pytest.raises(ManifestError, match=message):
         features.run(_params(tmp_path), layout)
 
 

@@ -13,17 +13,20 @@ import pandas as pd
 import pytest
 
 from tasks import finetune, train_head
+from tasks.artifacts import ArtifactError
 from tasks.backbones import load_backbone
-from tasks.datasets import image_dataset
-from tasks.finetune import FinetuneError, training_dataset
+from tasks.datasets import cached_images, image_dataset
+from tasks.finetune import EpochData, FinetuneError
 from tasks.layout import Layout
 from tasks.model import RandomWeightsError, all_layers, build_augmentation
 from tasks.params import AugmentationParams
-from tasks.train_head import TrainHeadError
 from tests.conftest import REPO_ROOT
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
 
 EVERY_AUGMENTATION = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}  # flip is on by default
+# the recipe of the old Keras guides: top block only, BatchNorm frozen, SGD at a low constant rate
+CLASSIC = {"top_blocks": 1, "batch_norm": "frozen", "optimizer": "sgd", "learning_rate": 1e-4, "schedule": "constant",
+           "label_smoothing": 0.0, "weight_decay": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def _sublayer(model: keras.Model, name: str) -> keras.Layer:
 
 
 def test_warm_start_keeps_head_accuracy_and_trains_only_the_top(layout: Layout) -> None:
-    info = finetune.run(make_params(layout.root), layout)
+    info = finetune.run(make_params(layout.root, finetune=CLASSIC), layout)
 
     history = pd.read_csv(layout.finetune_dir / "history.csv")
     paths, labels = _val_images(layout)
@@ -91,10 +94,31 @@ def test_warm_start_keeps_head_accuracy_and_trains_only_the_top(layout: Layout) 
     assert json.loads((live / "metrics.json").read_text())["restored_best"]["val_accuracy"] == info["best_val_accuracy"]
 
 
+def test_default_recipe_trains_every_layer_and_batch_norm_statistics(layout: Layout) -> None:
+    info = finetune.run(make_params(layout.root, finetune={"top_blocks": "all", "epochs": 2}), layout)
+
+    assert info["first_trainable_layer"] == 0 and info["frozen_batch_norm_layers"] == 0
+    assert info["params"]["optimizer"] == "adamw" and info["params"]["schedule"] == "one_cycle"
+    # The last epoch's checkpoint, loaded into the saved classifier, whatever epoch was kept
+    # (on this 32 px set the head-only model often stays best).
+    state_file = next(layout.checkpoint_dir.glob("*/state.json"))
+    state = json.loads(state_file.read_text())
+    model = keras.saving.load_model(layout.finetune_dir / "model.keras", safe_mode=True)
+    model.load_weights(state_file.parent / state["last"])
+    original = load_backbone("mobilenet_v2_tv", "packaged", 32, layout.backbone_dir).base
+    for name in ("stem_conv", "block_8_expand_conv", "top_conv"):  # bottom, middle and top convolutions all moved
+        assert not np.array_equal(original.get_layer(name).get_weights()[0], _sublayer(model, name).get_weights()[0])
+    before, after = original.get_layer("stem_bn").get_weights(), _sublayer(model, "stem_bn").get_weights()
+    assert not np.array_equal(before[2], after[2])  # the moving mean followed the new images
+    history = pd.read_csv(layout.finetune_dir / "history.csv")
+    assert len(history) == 3 and history["val_loss"].notna().all() and state["epochs_done"] == 2
+
+
 def test_resumed_run_equals_uninterrupted_run(layout: Layout, tree: Path, tmp_path: Path) -> None:
     """A run stopped after epoch 1 and started again ends with the same weights as one that never stopped."""
     # every augmentation layer on, so the resumed run must also replay their random state
-    settings = {"epochs": 2, "early_stopping_patience": 0, "learning_rate": 0.01, "augmentation": EVERY_AUGMENTATION}
+    # constant rate: a schedule is stretched over the planned epochs, so only then does epochs=1 then 2 resume
+    settings = {"epochs": 2, "schedule": "constant", "learning_rate": 0.01, "augmentation": EVERY_AUGMENTATION}
     finetune.run(make_params(layout.root, finetune=settings), layout)
 
     interrupted = copy_tree(tree, tmp_path / "interrupted")
@@ -105,11 +129,17 @@ def test_resumed_run_equals_uninterrupted_run(layout: Layout, tree: Path, tmp_pa
     assert (stale["resumed_from_epoch"], first["resumed_from_epoch"], resumed["resumed_from_epoch"]) == (0, 0, 1)
     assert stale["checkpoint_key"] != first["checkpoint_key"] == resumed["checkpoint_key"]
 
-    def weights(project: Layout) -> list[np.ndarray]:
-        return keras.saving.load_model(project.finetune_dir / "model.keras").get_weights()
+    def weights(project: Layout, key: str) -> list[np.ndarray]:
+        """The last epoch's weights (BatchNorm statistics included), whichever epoch the stage kept."""
+        state = json.loads((project.checkpoint_dir / key / "state.json").read_text())
+        model = keras.saving.load_model(project.finetune_dir / "model.keras")
+        model.load_weights(project.checkpoint_dir / key / state["last"])
+        return model.get_weights()
 
-    assert _info(layout)["fine_tuned"]
-    for a, b in zip(weights(layout), weights(interrupted), strict=True):
+    uninterrupted = weights(layout, resumed["checkpoint_key"])
+    assert not all(np.array_equal(a, b) for a, b in zip(uninterrupted, weights(interrupted, stale["checkpoint_key"]),
+                                                         strict=True))  # a different run does differ
+    for a, b in zip(uninterrupted, weights(interrupted, resumed["checkpoint_key"]), strict=True):
         np.testing.assert_array_equal(a, b)
     columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
     pd.testing.assert_frame_equal(pd.read_csv(layout.finetune_dir / "history.csv")[columns],
@@ -165,12 +195,19 @@ def test_augmentation_is_seeded_per_epoch_and_each_layer_can_be_off(layout: Layo
         "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast"]
 
     params = make_params(layout.root)
-    backbone = load_backbone("mobilenet_v2_tv", "packaged", 32, layout.backbone_dir)
     paths, labels = _val_images(layout)
+    with np.load(layout.features_dir / "val.npz") as data:
+        keys = list(data["sha256"])
+    images = cached_images(paths, keys, 32, "bilinear", layout.image_cache_dir)
+    # the cache holds what the evaluation pipeline decodes and resizes, rounded to uint8
+    decoded = np.concatenate([batch.numpy() for batch in image_dataset(paths, None, 32, 16)])
+    np.testing.assert_allclose(images, decoded, atol=0.5 + 1e-3)
 
     def first_batch(epoch: int, augmentation: AugmentationParams = every) -> np.ndarray:
         ft = params.finetune.model_copy(update={"augmentation": augmentation})
-        return next(iter(training_dataset(paths, labels, epoch, backbone, ft)))[0].numpy()
+        data = EpochData(images, labels, len(labels) - 2, 3, ft)
+        data.start_epoch(epoch)
+        return next(iter(data.train))[0].numpy()
 
     np.testing.assert_array_equal(first_batch(0), first_batch(0))
     assert not np.array_equal(first_batch(0), first_batch(1))
@@ -181,9 +218,9 @@ def test_augmentation_is_seeded_per_epoch_and_each_layer_can_be_off(layout: Layo
 def test_bad_inputs_are_named(layout: Layout, tmp_path: Path) -> None:
     with pytest.raises(RandomWeightsError, match="allow_random_weights"):
         finetune.run(make_params(layout.root, features={"weights": "none"}), layout)
-    with pytest.raises(TrainHeadError, match="unknown class"):
+    with pytest.raises(ArtifactError, match="unknown class"):
         finetune.run(make_params(layout.root, train_head={"class_weight": {"jacket": 2.0}}), layout)
-    with pytest.raises(FileNotFoundError, match="run the train_head stage"):
+    with pytest.raises(FileNotFoundError, match="run `headstart train_head`"):
         finetune.run(make_params(tmp_path), Layout(tmp_path))
 
     info_path = layout.head_dir / "info.json"
@@ -194,3 +231,23 @@ def test_bad_inputs_are_named(layout: Layout, tmp_path: Path) -> None:
     info_path.write_text(json.dumps(info))
     with pytest.raises(FinetuneError, match="computed with weights .* at 32 px, the backbone now loads .* at 40 px"):
         finetune.run(make_params(layout.root, features={"image_size": 40}), layout)
+
+
+def test_lr_find_writes_a_curve_and_a_suggestion_without_touching_models(layout: Layout) -> None:
+    from tasks import lr_find
+    from tasks.files import sha256_file
+
+    head_before = sha256_file(layout.head_dir / "head.keras")
+    found = lr_find.run(make_params(layout.root, lr_find={"steps": 30, "start_lr": 1e-6, "end_lr": 10.0}), layout)
+
+    curve = pd.read_csv(layout.reports_dir / "lr_find.csv")
+    assert 5 <= len(curve) <= 30 and list(curve["step"]) == list(range(len(curve)))
+    ratios = curve["learning_rate"].iloc[1:].to_numpy() / curve["learning_rate"].iloc[:-1].to_numpy()
+    np.testing.assert_allclose(ratios, (10.0 / 1e-6) ** (1 / 29), rtol=1e-6)  # geometric growth
+    assert curve["smoothed_loss"].iloc[-1] > curve["smoothed_loss"].min()  # it ran into the divergence
+    saved = json.loads((layout.reports_dir / "lr_find.json").read_text())
+    assert saved["suggested_learning_rate"] == pytest.approx(found["suggested_learning_rate"])
+    assert saved["suggested_learning_rate"] == pytest.approx(saved["min_loss_learning_rate"] / 10)
+    assert 1e-7 <= saved["suggested_learning_rate"] < 1.0
+    assert (layout.reports_dir / "figures" / "lr_find.png").stat().st_size > 1000
+    assert sha256_file(layout.head_dir / "head.keras") == head_before and not layout.finetune_dir.exists()

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from tasks import features, train_head
+from tasks.artifacts import ArtifactError, class_weights
 from tasks.layout import Layout
 from tasks.model import RandomWeightsError
-from tasks.train_head import TrainHeadError, class_weights
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
 
 
@@ -121,12 +121,12 @@ def test_balanced_class_weights_equalise_each_class_total() -> None:
     ],
 )
 def test_bad_class_weights_are_refused(spec, labels: list[int], message: str) -> None:
-    with pytest.raises(TrainHeadError, match=message):
+    with pytest.raises(ArtifactError, match=message):
         class_weights(spec, np.array(labels), ["a", "b", "c"])
 
 
 def test_unknown_class_weight_name_stops_the_stage(layout: Layout) -> None:
-    with pytest.raises(TrainHeadError, match="unknown class.*'coat'"):
+    with pytest.raises(ArtifactError, match="unknown class.*'coat'"):
         train_head.run(make_params(layout.root, train_head={"class_weight": {"coat": 2.0}}), layout)
     assert not layout.head_dir.exists()
 
@@ -142,5 +142,5 @@ def test_missing_or_mismatched_features_name_the_file(tmp_path: Path, layout: La
     info_path = layout.features_dir / "info.json"
     info = json.loads(info_path.read_text())
     info_path.write_text(json.dumps({**info, "feature_dim": 7}))
-    with pytest.raises(TrainHeadError, match=r"train.npz: features \(\d+, 1280\).*feature_dim=7"):
+    with pytest.raises(ArtifactError, match=r"train.npz: features \(\d+, 1280\).*feature_dim=7"):
         train_head.run(make_params(layout.root), layout)

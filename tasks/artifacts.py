@@ -1,0 +1,83 @@
+"""One typed reader per artifact that a later stage reads: JSON records, feature arrays, saved models,
+and class weights derived from the training labels. Stages read each other's outputs only through here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
+
+from tasks.layout import Layout
+
+
+class ArtifactError(ValueError):
+    """An artifact or a setting that does not fit the data; the message names the file or key and what to do."""
+
+
+def read_json(path: Path, stage: str) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `headstart {stage}` first")
+    return json.loads(path.read_text())
+
+
+def load_model(path: Path, stage: str) -> keras.Model:
+    """Load a `.keras` file in safe mode (no Lambda layers or custom code are trusted)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `headstart {stage}` first")
+    return keras.models.load_model(path, safe_mode=True, compile=False)
+
+
+def live_dir(layout: Layout, stage: str) -> Path:
+    """Where dvclive logs a stage's per-epoch metrics (declared as metrics/plots in dvc.yaml)."""
+    return layout.root / "live" / stage
+
+
+def read_features_info(layout: Layout) -> dict[str, Any]:
+    return read_json(layout.features_dir / "info.json", "features")
+
+
+def load_split(path: Path, num_classes: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 (N, D), labels int32 (N,)) from a features .npz, checked against info.json."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the features stage first (headstart features)")
+    with np.load(path, allow_pickle=False) as data:
+        features = data["features"].astype(np.float32, copy=False)
+        labels = data["labels"].astype(np.int32, copy=False)
+    if features.ndim != 2 or features.shape[1] != feature_dim or len(labels) != len(features):
+        raise ArtifactError(
+            f"{path}: features {features.shape} / labels {labels.shape} do not match feature_dim={feature_dim} "
+            "in info.json: rerun the features stage"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ArtifactError(f"{path}: labels outside 0..{num_classes - 1}: rerun the features stage")
+    return features, labels
+
+
+def class_weights(spec: str | dict[str, float], labels: np.ndarray, classes: list[str]) -> dict[int, float] | None:
+    """Keras `class_weight` from params: none, balanced (n / (C * count) on the train split) or per class name.
+
+    Classes missing from an explicit mapping keep weight 1.0.
+    """
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        present = np.bincount(labels, minlength=len(classes))
+        if (present == 0).any():
+            empty = [c for c, n in zip(classes, present, strict=True) if n == 0]
+            raise ArtifactError(f"class_weight: balanced needs train images of every class; none for {empty}")
+        weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=labels)
+        return {i: float(w) for i, w in enumerate(weights)}
+    unknown = sorted(set(spec) - set(classes))
+    if unknown:
+        raise ArtifactError(
+            f"train_head.class_weight names unknown class(es) {unknown}; the classes are {classes}. "
+            "Fix the names in params.yaml (they are the class folder names)."
+        )
+    bad = {name: w for name, w in spec.items() if not w > 0}
+    if bad:
+        raise ArtifactError(f"train_head.class_weight: weights must be > 0, got {bad}")
+    return {i: float(spec.get(name, 1.0)) for i, name in enumerate(classes)}
