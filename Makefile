@@ -15,6 +15,7 @@ run: setup
 	@sed -n '/^## Summary/,/^## Per class/{/^## Per class/!p}' reports/evaluation.md  # all metrics: dvc metrics show
 
 test: setup
+	ruff check .
 	pytest
 
 bench: setup

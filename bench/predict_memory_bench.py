@@ -36,9 +36,8 @@ def peak_rss_mib() -> float:
 
 
 def make_photos(folder: Path, count: int) -> None:
-    from PIL import Image
-
     import skimage.data
+    from PIL import Image
 
     skimage_dir = Path(skimage.data.__file__).parent
     sources = SOURCES + [skimage_dir / name for name in ("chelsea.png", "coffee.png", "astronaut.png")]

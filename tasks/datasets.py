@@ -17,7 +17,7 @@ import tensorflow as tf
 from keras import layers
 
 from tasks.files import atomic_path
-from tasks.images import load_rgb
+from tasks.images import DECODE_ID, load_rgb
 
 CACHE_BATCH = 64
 
@@ -62,7 +62,7 @@ def cached_images(
     images' content hashes (`keys`), the size and the interpolation; other cache files are removed.
     Pixels go through the same decode and Resizing layer as evaluation and serving, rounded to uint8.
     """
-    digest = hashlib.sha256(json.dumps([list(keys), image_size, interpolation]).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(json.dumps([list(keys), image_size, interpolation, DECODE_ID]).encode()).hexdigest()[:20]
     target = folder / f"images-{digest}.npy"
     if not target.exists():
         with atomic_path(target, suffix=".npy") as tmp:

@@ -51,6 +51,7 @@ from tasks.files import (
     remove_stale_temps,
     sha256_file,
 )
+from tasks.images import DECODE_ID
 from tasks.layout import Layout
 from tasks.manifest import SPLITS, read_split_manifest
 from tasks.params import FeaturesParams, Params
@@ -346,7 +347,7 @@ def _check_files(files: Iterable[tuple[str, str]]) -> None:
 
 
 def _namespace(backbone: Backbone, mixed_precision: bool) -> str:
-    return backbone.cache_id + ("|mixed_float16" if mixed_precision else "")
+    return f"{backbone.cache_id}|{DECODE_ID}" + ("|mixed_float16" if mixed_precision else "")
 
 
 def _load_backbone(params: FeaturesParams, layout: Layout, mixed_precision: bool) -> Backbone:

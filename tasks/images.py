@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# Names the decoding (toward the model size: JPEG draft, then an integer box reduce); caches of decoded
+# pixels and of features include it, so change it whenever `load_rgb` changes what it returns.
+DECODE_ID = "draft-reduce-v1"
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 

@@ -8,7 +8,7 @@ everywhere, with a message that names the key, the value and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -118,7 +118,9 @@ class FinetuneParams(_Section):
     unfreeze_from: str | int | None = Field(
         None, description="First backbone layer to train, by cut point, layer name or index; null uses top_blocks."
     )
-    top_blocks: int | Literal["all"] = Field("all", description="Train the top N blocks of the backbone, or all.")
+    top_blocks: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
+        14, description="Train the top N blocks of the backbone, or all (`headstart inspect` lists them)."
+    )
     batch_norm: Literal["train", "frozen"] = Field(
         "train", description="train: statistics follow the new images; frozen: inference mode (old Keras advice)."
     )

@@ -14,13 +14,13 @@ import pytest
 from tasks.backbones import (
     REGISTRY,
     build_feature_extractor,
-    converted_weights,
     build_imagenet_classifier,
+    converted_weights,
     cut_points,
-    packaged_checkpoint,
     describe_registry,
     inspect_backbone,
     load_backbone,
+    packaged_checkpoint,
     resolve_unfreeze_index,
 )
 from tasks.files import sha256_file

@@ -32,7 +32,6 @@ from tasks.download import DownloadError
 from tasks.files import sha256_file
 from tasks.layout import Layout
 from tasks.params import STAGES, ParamsError, load_params
-
 from tests.conftest import REPO_ROOT, write_class_folders
 
 FAST = {"download.min_images_per_class": 5}

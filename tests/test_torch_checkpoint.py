@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from tasks.backbones import REGISTRY, packaged_checkpoint
-from tasks.torch_checkpoint import MAGIC_NUMBER, PROTOCOL_VERSION, CheckpointError, load_legacy_checkpoint, load_state_dict
+from tasks.torch_checkpoint import (
+    MAGIC_NUMBER,
+    PROTOCOL_VERSION,
+    CheckpointError,
+    load_legacy_checkpoint,
+    load_state_dict,
+)
 
 CHECKPOINT = packaged_checkpoint(REGISTRY["mobilenet_v2_tv"])
 HEADER = pickle.dumps(MAGIC_NUMBER) + pickle.dumps(PROTOCOL_VERSION) + pickle.dumps({"little_endian": True})
