@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,7 @@ def training_gflop_per_image(params: Params, layout: Layout, first_trainable: in
 def run_recipe(name: str, overrides: dict[str, Any], common: dict[str, Any], layout: Layout,
                peak: float) -> dict[str, Any]:
     params = load_params(REPO / "params.yaml", {**common, **{f"finetune.{k}": v for k, v in overrides.items()}})
+    shutil.rmtree(layout.checkpoint_dir, ignore_errors=True)  # a finished checkpoint would be resumed, not timed
     started = time.perf_counter()
     info = finetune.run(params, layout)
     wall = time.perf_counter() - started
