@@ -30,12 +30,12 @@ import keras  # noqa: E402
 from docs_section import DOCS, write_section  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
+from headstart.data.datasets import image_dataset  # noqa: E402
+from headstart.layout import Layout  # noqa: E402
+from headstart.model import describe_device  # noqa: E402
+from headstart.params import Params, load_params  # noqa: E402
 from tasks import download, features, finetune, split, train_head  # noqa: E402
 from tasks.cli import parse_override  # noqa: E402
-from tasks.datasets import image_dataset  # noqa: E402
-from tasks.layout import Layout  # noqa: E402
-from tasks.model import describe_device  # noqa: E402
-from tasks.params import Params, load_params  # noqa: E402
 
 STAGES = {"download": download, "split": split, "features": features, "train_head": train_head, "finetune": finetune}
 MINORITY_KEEP = 0.1  # fraction of train images kept for the minority classes

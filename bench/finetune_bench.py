@@ -32,12 +32,12 @@ import tensorflow as tf  # noqa: E402
 from accuracy_bench import run_stages, score_head, score_model  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
+from headstart.layout import Layout  # noqa: E402
+from headstart.model import describe_device  # noqa: E402
+from headstart.params import Params, load_params  # noqa: E402
+from headstart.training import assemble  # noqa: E402
 from tasks import finetune  # noqa: E402
 from tasks.cli import parse_override  # noqa: E402
-from tasks.layout import Layout  # noqa: E402
-from tasks.model import describe_device  # noqa: E402
-from tasks.params import Params, load_params  # noqa: E402
-from tasks.training import assemble  # noqa: E402
 
 OLD_DEFAULT = {"top_blocks": 4, "batch_norm": "frozen", "optimizer": "sgd", "learning_rate": 1e-4,
                "schedule": "constant", "label_smoothing": 0.0, "weight_decay": 0.0, "epochs": 3}

@@ -26,9 +26,9 @@ from pydantic import Field
 
 from flows.sharding import dask_runner, features_sharded
 from flows.stages import StageSpec, output_hashes, read_stage_specs, stage_key
+from headstart.layout import Layout
+from headstart.params import STAGES, Params, load_params
 from tasks.download import DownloadError
-from tasks.layout import Layout
-from tasks.params import STAGES, Params, load_params
 
 RESULTS_ENV = "HEADSTART_RESULTS_DIR"
 ARTIFACT_KEY = "headstart-run-report"
@@ -163,7 +163,7 @@ def pipeline(
     """Run the stages (all, or the named ones in pipeline order); returns each stage's status.
 
     `overrides` (dotted like {"train_head.epochs": 5} or nested) apply over `params_file` and are
-    validated by tasks.params.load_params, exactly as `headstart <stage> --set` does.
+    validated by headstart.params.load_params, exactly as `headstart <stage> --set` does.
     `download_retries` reruns the whole download stage after a transient failure, waiting
     retry_backoff_s, then twice that, ... (each transfer also retries itself, download.retries).
     `feature_shards` > 1 splits the features stage into that many tasks on a local Dask cluster of

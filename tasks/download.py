@@ -35,7 +35,8 @@ from filelock import FileLock
 from PIL import Image
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-from tasks.files import (
+from headstart.data.images import ImageError, inspect_image, is_candidate_image
+from headstart.files import (
     atomic_directory,
     atomic_path,
     atomic_write_text,
@@ -43,13 +44,12 @@ from tasks.files import (
     sha256_bytes,
     sha256_file,
 )
-from tasks.images import ImageError, inspect_image, is_candidate_image
-from tasks.layout import Layout
-from tasks.params import DownloadParams, Params
+from headstart.layout import Layout
+from headstart.params import DownloadParams, Params
 
 log = logging.getLogger(__name__)
 
-PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+PRESETS_FILE = Path(__file__).parents[1] / "headstart" / "data" / "presets.yaml"
 MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "source_split", "origin")
 QUARANTINE_COLUMNS = ("origin", "label", "reason")
 

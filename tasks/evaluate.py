@@ -26,15 +26,15 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from tasks.artifacts import live_dir, load_model, load_split, read_features_info, read_json
-from tasks.datasets import image_dataset
-from tasks.figures import save_figure
-from tasks.files import atomic_write_json, atomic_write_text
-from tasks.images import load_rgb
-from tasks.layout import Layout
-from tasks.manifest import read_split_manifest
-from tasks.model import with_flip_tta
-from tasks.params import Params
+from headstart.data.artifacts import live_dir, load_model, load_split, read_features_info, read_json
+from headstart.data.datasets import image_dataset
+from headstart.data.images import load_rgb
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_write_json, atomic_write_text
+from headstart.layout import Layout
+from headstart.model import with_flip_tta
+from headstart.params import Params
+from headstart.reporting import save_figure
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The exported model takes uint8 RGB images of any size: Input (None, None, 3) uin
 the same Keras `Resizing` layer the data pipeline uses -> the classifier (preprocessing inside).
 Formats: `.keras`, a SavedModel with a named serving signature, and TFLite float32 / float16 /
 full-integer int8 (calibrated on a sample of the train split). A parity check runs every format
-through `tasks.predict`'s loaders on the test split; float formats that disagree with Keras on
+through `headstart.predict`'s loaders on the test split; float formats that disagree with Keras on
 more than `1 - export.min_float_agreement` of the images fail the stage.
 """
 
@@ -24,15 +24,15 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from tasks.artifacts import load_model, read_json
-from tasks.datasets import resizing_layer
-from tasks.files import atomic_directory, atomic_write_json, sha256_file
-from tasks.images import load_rgb
-from tasks.layout import Layout
-from tasks.manifest import read_split_manifest
-from tasks.model import with_flip_tta
-from tasks.params import Params
-from tasks.predict import (
+from headstart.data.artifacts import load_model, read_json
+from headstart.data.datasets import resizing_layer
+from headstart.data.images import load_rgb
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_directory, atomic_write_json, sha256_file
+from headstart.layout import Layout
+from headstart.model import with_flip_tta
+from headstart.params import Params
+from headstart.predict import (
     INPUT_NAME,
     LABELS_FILE,
     MODEL_CARD,

@@ -40,9 +40,12 @@ import tensorflow as tf
 from filelock import FileLock
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tasks.backbones import Backbone, build_feature_extractor, load_backbone
-from tasks.datasets import image_dataset, resizing_layer
-from tasks.files import (
+from headstart.backbones.loading import build_feature_extractor, load_backbone
+from headstart.backbones.registry import Backbone
+from headstart.data.datasets import image_dataset, resizing_layer
+from headstart.data.images import DECODE_ID
+from headstart.data.manifest import SPLITS, read_split_manifest
+from headstart.files import (
     STALE_TEMP_S,
     atomic_directory,
     atomic_path,
@@ -51,10 +54,8 @@ from tasks.files import (
     remove_stale_temps,
     sha256_file,
 )
-from tasks.images import DECODE_ID
-from tasks.layout import Layout
-from tasks.manifest import SPLITS, read_split_manifest
-from tasks.params import FeaturesParams, Params
+from headstart.layout import Layout
+from headstart.params import FeaturesParams, Params
 
 log = logging.getLogger(__name__)
 

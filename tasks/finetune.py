@@ -32,14 +32,14 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
-from tasks.artifacts import class_weights, live_dir, read_features_info, read_json
-from tasks.datasets import cached_images
-from tasks.files import atomic_directory, remove_stale_temps, sha256_file
-from tasks.layout import Layout
-from tasks.manifest import read_split_manifest
-from tasks.model import require_trained_weights, reseed, runtime_info, seed_everything
-from tasks.params import FinetuneParams, Params
-from tasks.training import (
+from headstart.data.artifacts import class_weights, live_dir, read_features_info, read_json
+from headstart.data.datasets import cached_images
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_directory, remove_stale_temps, sha256_file
+from headstart.layout import Layout
+from headstart.model import require_trained_weights, reseed, runtime_info, seed_everything
+from headstart.params import FinetuneParams, Params
+from headstart.training import (
     HISTORY_COLUMNS,
     EpochCheckpoints,
     EpochData,

@@ -23,14 +23,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from tasks.datasets import cached_images
-from tasks.figures import save_figure
-from tasks.files import atomic_write_json, atomic_write_text
-from tasks.layout import Layout
-from tasks.manifest import read_split_manifest
-from tasks.model import require_trained_weights, seed_everything
-from tasks.params import LrFindParams, Params
-from tasks.training import EpochData, assemble, compile_for_finetuning, configure_trainable, image_rows
+from headstart.data.datasets import cached_images
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_write_json, atomic_write_text
+from headstart.layout import Layout
+from headstart.model import require_trained_weights, seed_everything
+from headstart.params import LrFindParams, Params
+from headstart.reporting import save_figure
+from headstart.training import EpochData, assemble, compile_for_finetuning, configure_trainable, image_rows
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from sklearn.metrics import f1_score
 
-from tasks.artifacts import class_weights, live_dir, load_split, read_features_info
-from tasks.files import atomic_directory, remove_stale_temps
-from tasks.layout import Layout
-from tasks.model import build_head, require_trained_weights, runtime_info, seed_everything
-from tasks.params import Params, TrainHeadParams
+from headstart.data.artifacts import class_weights, live_dir, load_split, read_features_info
+from headstart.files import atomic_directory, remove_stale_temps
+from headstart.layout import Layout
+from headstart.model import build_head, require_trained_weights, runtime_info, seed_everything
+from headstart.params import Params, TrainHeadParams
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import download, evaluate, export, features, finetune, predict, split, train_head
-from tasks.layout import Layout
-from tasks.manifest import ManifestError, read_split_manifest
+from headstart import predict
+from headstart.data.manifest import ManifestError, read_split_manifest
+from headstart.layout import Layout
+from tasks import download, evaluate, export, features, finetune, split, train_head
 from tests.stage_inputs import make_params
 
 FORMATS = {"keras": "model.keras", "tflite_float32": "model_float32.tflite"}

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from flows.pipeline import ARTIFACT_KEY
-from tasks.layout import Layout
-from tasks.params import STAGES, load_params
+from headstart.layout import Layout
+from headstart.params import STAGES, load_params
 from tests.conftest import REPO_ROOT, write_class_folders
 from tests.test_flows import TINY
 

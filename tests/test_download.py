@@ -21,10 +21,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from headstart.layout import Layout
+from headstart.params import load_params
 from tasks import download
 from tasks.download import DownloadError, fetch_url, safe_extract
-from tasks.layout import Layout
-from tasks.params import load_params
 from tests.conftest import FASHION_DIR, REPO_ROOT
 
 
@@ -546,8 +546,8 @@ def test_outputs_follow_the_umask(tmp_path, small_dataset):
 
 
 def _killed_inside(writer: str, target: Path) -> None:
-    """Run `with tasks.files.<writer>(target)` in a process that is killed inside the block."""
-    script = (f"import os, sys\nfrom tasks.files import {writer}\nwith {writer}(sys.argv[1]) as tmp:\n"
+    """Run `with headstart.files.<writer>(target)` in a process that is killed inside the block."""
+    script = (f"import os, sys\nfrom headstart.files import {writer}\nwith {writer}(sys.argv[1]) as tmp:\n"
               "    os._exit(9)\n")
     result = subprocess.run([sys.executable, "-c", script, str(target)], cwd=REPO_ROOT, check=False)
     assert result.returncode == 9

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from flows.stages import hash_path
-from tasks.params import STAGES
+from headstart.params import STAGES
 from tests.conftest import REPO_ROOT, write_class_folders
 from tests.test_flows import TINY
 
@@ -50,12 +50,12 @@ def _ran(output: str) -> list[str]:
 
 @pytest.fixture
 def repo(tmp_path: Path, fashion_arrays) -> Path:
-    """A git repo with the project's DVC files and tasks/ (imported from there via PYTHONPATH)."""
+    """A git repo with the project's DVC files, tasks/ and headstart/ (imported from there via PYTHONPATH)."""
     pictures, labels = fashion_arrays
     images = write_class_folders(tmp_path / "images", pictures[labels < 3], labels[labels < 3], per_class=12)
     repo = tmp_path / "repo"
-    tracked = subprocess.run(["git", "ls-files", "tasks", *PROJECT_FILES], cwd=REPO_ROOT, capture_output=True,
-                             text=True, check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "tasks", "headstart", *PROJECT_FILES], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, repo / name)

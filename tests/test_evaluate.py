@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, top_k_accuracy_score
 
+from headstart.data.datasets import image_dataset
+from headstart.layout import Layout
 from tasks import cli, evaluate
-from tasks.datasets import image_dataset
-from tasks.layout import Layout
 from tests.model_fixture import trained_params
 
 

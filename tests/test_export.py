@@ -14,12 +14,12 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 from keras import layers
 
+from headstart.data.datasets import image_dataset
+from headstart.data.images import load_rgb
+from headstart.layout import Layout
+from headstart.model import all_layers
+from headstart.params import ParamsError, validate_params
 from tasks import export
-from tasks.datasets import image_dataset
-from tasks.images import load_rgb
-from tasks.layout import Layout
-from tasks.model import all_layers
-from tasks.params import ParamsError, validate_params
 from tests.model_fixture import trained_params
 
 
@@ -139,8 +139,8 @@ def test_subset_of_formats(trained_tree, tmp_path):
 
 def test_flip_tta_is_evaluated_exported_and_exact(trained_tree, tmp_path):
     """evaluate.tta_flip: evaluate reports both numbers, export serves the averaged model, parity holds."""
+    from headstart.model import with_flip_tta
     from tasks import evaluate
-    from tasks.model import with_flip_tta
 
     target = tmp_path / "tta"
     shutil.copytree(trained_tree.root, target, ignore=shutil.ignore_patterns("cache", "backbone", "export"))

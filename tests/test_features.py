@@ -21,12 +21,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from headstart.backbones.loading import build_feature_extractor, load_backbone
+from headstart.data.datasets import image_dataset
+from headstart.data.manifest import ManifestError
+from headstart.layout import Layout
+from headstart.params import load_params
 from tasks import cli, features
-from tasks.backbones import build_feature_extractor, load_backbone
-from tasks.datasets import image_dataset
-from tasks.layout import Layout
-from tasks.manifest import ManifestError
-from tasks.params import load_params
 from tests.conftest import FASHION_CLASSES
 
 pytestmark = pytest.mark.slow

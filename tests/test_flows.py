@@ -28,10 +28,10 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import ARTIFACT_KEY, is_transient, pipeline
 from flows.stages import StageDeclarationError, hash_path, read_stage_specs, stage_key
+from headstart.files import sha256_file
+from headstart.layout import Layout
+from headstart.params import STAGES, ParamsError, load_params
 from tasks.download import DownloadError
-from tasks.files import sha256_file
-from tasks.layout import Layout
-from tasks.params import STAGES, ParamsError, load_params
 from tests.conftest import REPO_ROOT, write_class_folders
 
 FAST = {"download.min_images_per_class": 5}

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from tasks.params import Params, ParamsError, load_params
+from headstart.params import Params, ParamsError, load_params
 
 
 def test_params_yaml_matches_the_defaults(tmp_path):

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import cli, predict
-from tasks.datasets import image_dataset
-from tasks.images import load_rgb
+from headstart import predict
+from headstart.data.datasets import image_dataset
+from headstart.data.images import load_rgb
+from tasks import cli
 from tests.conftest import REPO_ROOT
 
 MODELS = {
@@ -276,7 +277,7 @@ def _decode_in_fresh_process(path: Path, target_size: int | None) -> tuple[tuple
 
     VmHWM, not getrusage: Linux carries ru_maxrss over exec from the forked copy of this process.
     """
-    code = ("import re, sys; from pathlib import Path; from tasks.images import load_rgb; "
+    code = ("import re, sys; from pathlib import Path; from headstart.data.images import load_rgb; "
             "image = load_rgb(sys.argv[1], target_size=int(sys.argv[2]) or None); "
             r"peak = re.search(r'VmHWM:\s+(\d+) kB', Path('/proc/self/status').read_text()).group(1); "
             "print(*image.shape[:2], peak)")

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from headstart.data.artifacts import ArtifactError, class_weights
+from headstart.layout import Layout
+from headstart.model import RandomWeightsError
 from tasks import features, train_head
-from tasks.artifacts import ArtifactError, class_weights
-from tasks.layout import Layout
-from tasks.model import RandomWeightsError
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
 
 

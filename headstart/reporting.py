@@ -6,7 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from tasks.files import atomic_path
+from headstart.files import atomic_path
 
 
 def save_figure(figure: Figure, target: Path) -> None:

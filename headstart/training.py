@@ -21,11 +21,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tasks.backbones import Backbone, cut_points, load_backbone, resolve_unfreeze_index
-from tasks.files import atomic_path, atomic_write_json
-from tasks.layout import Layout
-from tasks.model import build_augmentation, build_classifier, freeze_batch_norm, reseed
-from tasks.params import FinetuneParams, Params
+from headstart.backbones.cuts import cut_points, resolve_unfreeze_index
+from headstart.backbones.loading import load_backbone
+from headstart.backbones.registry import Backbone
+from headstart.files import atomic_path, atomic_write_json
+from headstart.layout import Layout
+from headstart.model import build_augmentation, build_classifier, freeze_batch_norm, reseed
+from headstart.params import FinetuneParams, Params
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from tasks.params import AugmentationParams, FeaturesParams, TrainHeadParams
+from headstart.params import AugmentationParams, FeaturesParams, TrainHeadParams
 
 
 class RandomWeightsError(ValueError):

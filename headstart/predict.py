@@ -1,7 +1,7 @@
 """`headstart predict`: classify image files, folders and http(s) URLs with any exported model.
 
 Every exported format takes raw uint8 RGB images of any size (resizing and preprocessing live
-inside the model), so this module only decodes images (`tasks.images.load_rgb`) and runs the
+inside the model), so this module only decodes images (`headstart.data.images.load_rgb`) and runs the
 model: `.keras` (safe mode), a SavedModel directory (its `serving_default` signature) or a
 `.tflite` file (LiteRT interpreter, input resized per image shape). The export stage's parity
 check runs its formats through these same loaders.
@@ -26,7 +26,7 @@ import numpy as np
 import requests
 import tensorflow as tf
 
-from tasks.images import ImageError, is_candidate_image, load_rgb
+from headstart.data.images import ImageError, is_candidate_image, load_rgb
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
