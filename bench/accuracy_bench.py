@@ -32,8 +32,8 @@ from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
 from headstart.data.datasets import image_dataset  # noqa: E402
 from headstart.layout import Layout  # noqa: E402
-from headstart.model import describe_device  # noqa: E402
 from headstart.params import Params, load_params  # noqa: E402
+from headstart.runtime import describe_device  # noqa: E402
 from tasks import download, features, finetune, split, train_head  # noqa: E402
 from tasks.cli import parse_override  # noqa: E402
 

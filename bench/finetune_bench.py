@@ -33,8 +33,8 @@ from accuracy_bench import run_stages, score_head, score_model  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 from headstart.layout import Layout  # noqa: E402
-from headstart.model import describe_device  # noqa: E402
 from headstart.params import Params, load_params  # noqa: E402
+from headstart.runtime import describe_device  # noqa: E402
 from headstart.training import assemble  # noqa: E402
 from tasks import finetune  # noqa: E402
 from tasks.cli import parse_override  # noqa: E402

@@ -1,6 +1,6 @@
 """Accuracy, size and CPU latency of every exported format, side by side.
 
-Runs each format through `headstart.predict.load_predictor` (what `headstart predict` uses) on the
+Runs each format through `headstart.serving.load_predictor` (what `headstart predict` uses) on the
 project's test split and on a real photo, and prints a Markdown table with ratios to `.keras`.
 
     .venv/bin/python bench/predict_bench.py --root . [--repeats 30] [--batch 32]
@@ -21,8 +21,7 @@ import pandas as pd  # noqa: E402
 
 from headstart.data.images import load_rgb  # noqa: E402
 from headstart.layout import Layout  # noqa: E402
-from headstart.predict import Predictor, load_predictor  # noqa: E402
-from tasks.export import FILES  # noqa: E402
+from headstart.serving import FILES, Predictor, load_predictor  # noqa: E402
 
 PHOTO = Path("/usr/share/darknet/data/dog.jpg")
 

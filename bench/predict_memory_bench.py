@@ -53,7 +53,7 @@ def stand_in_model(folder: Path) -> Path:
     from headstart.backbones.loading import load_backbone
     from headstart.model import build_classifier, build_head
     from headstart.params import TrainHeadParams
-    from tasks.export import serving_model
+    from headstart.serving import serving_model
 
     backbone = load_backbone("mobilenet_v2_tv", "none", 96, folder / "backbone")
     classifier = build_classifier(backbone, build_head(backbone.feature_dim, 10, TrainHeadParams()))
@@ -65,7 +65,8 @@ def stand_in_model(folder: Path) -> Path:
 
 def child(model: Path, photos: Path, image_size: int) -> None:
     """One measured run: predict every photo in the folder; prints peak RSS and wall time as JSON."""
-    from headstart.predict import load_predictor, predict_inputs
+    from headstart.predict import predict_inputs
+    from headstart.serving import load_predictor
 
     predictor = load_predictor(model)
     predictor.image_size = image_size or None
@@ -92,7 +93,7 @@ def main() -> None:
         child(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))
         return
 
-    from headstart.predict import read_input_size
+    from headstart.serving import read_input_size
 
     with tempfile.TemporaryDirectory(prefix="predict-memory-") as scratch:
         photos = Path(scratch) / "photos"

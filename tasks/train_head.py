@@ -23,8 +23,9 @@ from sklearn.metrics import f1_score
 from headstart.data.artifacts import class_weights, live_dir, load_split, read_features_info
 from headstart.files import atomic_directory, remove_stale_temps
 from headstart.layout import Layout
-from headstart.model import build_head, require_trained_weights, runtime_info, seed_everything
+from headstart.model import build_head, require_trained_weights
 from headstart.params import Params, TrainHeadParams
+from headstart.runtime import runtime_info, seed_everything
 
 log = logging.getLogger(__name__)
 

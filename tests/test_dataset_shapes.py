@@ -22,6 +22,7 @@ from PIL import Image
 from headstart import predict
 from headstart.data.manifest import ManifestError, read_split_manifest
 from headstart.layout import Layout
+from headstart.serving import load_predictor
 from tasks import download, evaluate, export, features, finetune, split, train_head
 from tests.stage_inputs import make_params
 
@@ -111,7 +112,7 @@ def test_predict_answers_with_the_folder_names_as_evaluate_did(tree, fmt):
     folders = sorted(SHAPES[name].classes)
     test = read_split_manifest(layout.split_manifest).query("split == 'test'")
     out, err = io.StringIO(), io.StringIO()
-    model = predict.load_predictor(layout.export_dir / FORMATS[fmt])
+    model = load_predictor(layout.export_dir / FORMATS[fmt])
     paths = [str(layout.root / p) for p in test["path"]]
     failures = predict.predict_inputs(model, paths, len(folders), "jsonl", out, err)
     assert failures == 0, err.getvalue()

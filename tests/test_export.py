@@ -19,6 +19,7 @@ from headstart.data.images import load_rgb
 from headstart.layout import Layout
 from headstart.model import all_layers
 from headstart.params import ParamsError, validate_params
+from headstart.serving import load_predictor
 from tasks import export
 from tests.model_fixture import trained_params
 
@@ -111,7 +112,7 @@ def test_disagreeing_float_format_fails_with_a_clear_message(exported_tree, tmp_
     test = pd.read_csv(exported_tree.split_manifest).query("split == 'test'")
     images = [load_rgb(exported_tree.root / p) for p in test["path"]]
     labels = test["label"].map(classes.index).to_numpy()
-    reference = export._predict_all(export.load_predictor(exported_tree.export_dir / "model.keras"), images)
+    reference = export._predict_all(load_predictor(exported_tree.export_dir / "model.keras"), images)
     parity = export.parity_check(reference, {"tflite_float32": impostor}, images, labels)
     assert parity["tflite_float32"]["agreement"] == pytest.approx(parity_json["tflite_int8"]["agreement"])
     expected = r"tflite_float32 top-1 agreement 0\.\d+ < export\.min_float_agreement=0\.99"

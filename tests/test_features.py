@@ -23,7 +23,9 @@ from PIL import Image
 
 from headstart.backbones.loading import build_feature_extractor, load_backbone
 from headstart.data.datasets import image_dataset
-from headstart.data.manifest import ManifestError
+from headstart.data.feature_cache import read_shard
+from headstart.data.manifest import SPLITS, ManifestError
+from headstart.files import STALE_TEMP_S
 from headstart.layout import Layout
 from headstart.params import load_params
 from tasks import cli, features
@@ -101,7 +103,7 @@ def _differ(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _shard_keys(layout: Layout) -> dict[Path, list[str]]:
-    return {path: features.read_shard(path)[0].tolist() for path in sorted(layout.feature_cache_dir.glob("*/*.npz"))}
+    return {path: read_shard(path)[0].tolist() for path in sorted(layout.feature_cache_dir.glob("*/*.npz"))}
 
 
 def test_outputs_line_up_with_manifest_rows(tmp_path, project):
@@ -118,7 +120,7 @@ def test_outputs_line_up_with_manifest_rows(tmp_path, project):
 
     keras.utils.set_random_seed(0)
     extractor = build_feature_extractor(load_backbone("mobilenet_v2_tv", "none", 32, layout.backbone_dir))
-    for split in features.SPLITS:
+    for split in SPLITS:
         rows = manifest[manifest["split"] == split]
         data = _load(layout, split)
         assert data["path"].tolist() == rows["path"].tolist()
@@ -162,7 +164,7 @@ def test_damaged_shards_are_dropped_and_recomputed(tmp_path, project):
     layout, add = project
     add(30)
     _run(tmp_path, layout)
-    reference = {split: _load(layout, split)["features"] for split in features.SPLITS}
+    reference = {split: _load(layout, split)["features"] for split in SPLITS}
     shards = _shard_keys(layout)
     assert len(shards) >= 2  # 30 images in shards of 8 to 16 (a shard closes on a batch boundary)
     (truncated, truncated_keys), (tampered, tampered_keys) = list(shards.items())[:2]
@@ -179,7 +181,7 @@ def test_damaged_shards_are_dropped_and_recomputed(tmp_path, project):
     assert stats["dropped_shards"] == 2
     assert stats["computed"] == len(truncated_keys) + len(tampered_keys)
     assert stats["reused"] == 30 - stats["computed"]
-    for split in features.SPLITS:
+    for split in SPLITS:
         _assert_same(_load(layout, split)["features"], reference[split])
 
 
@@ -303,7 +305,7 @@ def test_index_is_rebuilt_from_shards_and_stale_temp_files_go(tmp_path, project)
     stale, fresh = namespace / ".a.npz.x1.tmp", namespace / ".b.npz.x2.tmp"
     stale.write_bytes(b"half a shard")
     fresh.write_bytes(b"a shard being written now")
-    old = time.time() - 2 * features.STALE_TEMP_S
+    old = time.time() - 2 * STALE_TEMP_S
     os.utime(stale, (old, old))
 
     stats = _run(tmp_path, layout)

@@ -18,8 +18,9 @@ from headstart.data.datasets import cached_images, image_dataset
 from headstart.layout import Layout
 from headstart.model import RandomWeightsError, all_layers, build_augmentation
 from headstart.params import AugmentationParams
+from headstart.training import EpochData
 from tasks import finetune, train_head
-from tasks.finetune import EpochData, FinetuneError
+from tasks.finetune import FinetuneError
 from tests.conftest import REPO_ROOT
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
 

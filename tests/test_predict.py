@@ -21,6 +21,7 @@ from PIL import Image
 from headstart import predict
 from headstart.data.datasets import image_dataset
 from headstart.data.images import load_rgb
+from headstart.serving import load_predictor
 from tasks import cli
 from tests.conftest import REPO_ROOT
 
@@ -52,7 +53,7 @@ def photo_dir(tmp_path_factory, photos) -> Path:
 
 def _run(model: Path, inputs: list[str], fmt: str = "jsonl", k: int = 4, **limits) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    failures = predict.predict_inputs(predict.load_predictor(model), inputs, k, fmt, out, err, **limits)
+    failures = predict.predict_inputs(load_predictor(model), inputs, k, fmt, out, err, **limits)
     return failures, out.getvalue(), err.getvalue()
 
 
@@ -260,7 +261,7 @@ def test_missing_labels_file_is_explained(exported_tree, tmp_path):
     lone = tmp_path / "model_float16.tflite"
     lone.write_bytes((exported_tree.export_dir / "model_float16.tflite").read_bytes())
     with pytest.raises(FileNotFoundError, match="no labels.txt found beside"):
-        predict.load_predictor(lone)
+        load_predictor(lone)
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +300,7 @@ def test_decoding_toward_the_model_size_bounds_memory(large_photo):
 def test_large_photos_are_predicted_as_the_training_pipeline_sees_them(exported_tree, large_photo):
     """predict decodes toward the model's input size, exactly as training and evaluate do."""
     model = exported_tree.export_dir / "model.keras"
-    predictor = predict.load_predictor(model)
+    predictor = load_predictor(model)
     info = json.loads((exported_tree.finetune_dir / "info.json").read_text())
     assert predictor.image_size == info["image_size"]
     source, = predict.expand_inputs([str(large_photo)], 10**6, 1.0, predictor.image_size)
