@@ -30,6 +30,7 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
+from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints
 from headstart.data.artifacts import class_weights, live_dir, read_features_info, read_json
 from headstart.data.datasets import cached_images
 from headstart.data.manifest import read_split_manifest
@@ -38,15 +39,7 @@ from headstart.layout import Layout
 from headstart.model import require_trained_weights, reseed
 from headstart.params import FinetuneParams, Params
 from headstart.runtime import choose_strategy, is_chief, mixed_precision, runtime_info, seed_everything
-from headstart.training import (
-    HISTORY_COLUMNS,
-    EpochCheckpoints,
-    EpochData,
-    assemble,
-    compile_for_finetuning,
-    configure_trainable,
-    image_rows,
-)
+from headstart.training import EpochData, assemble, compile_for_finetuning, configure_trainable, image_rows
 
 log = logging.getLogger(__name__)
 
