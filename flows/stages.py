@@ -102,7 +102,7 @@ def param_value(params: Params, dotted: str) -> Any:
     node: Any = params.model_dump(mode="json")
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise StageDeclarationError(f"dvc.yaml names param '{dotted}', which tasks/params.py does not define.")
+            raise StageDeclarationError(f"dvc.yaml names param '{dotted}', which headstart/params.py does not define.")
         node = node[part]
     return node
 

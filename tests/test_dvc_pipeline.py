@@ -106,3 +106,18 @@ def test_whole_pipeline_from_scratch_remote_round_trip_then_only_what_changed(re
 
     _set_params(repo, {"train_head.learning_rate": 0.01})
     assert _ran(_run(repo, "dvc", "repro")) == list(STAGES[STAGES.index("train_head"):])
+
+
+def test_a_stage_reruns_when_a_library_module_it_imports_changes(repo: Path) -> None:
+    """The code deps dvc.yaml derives from the imports (tests/test_dvc_deps.py) make a library edit count."""
+    assert _ran(_run(repo, "dvc", "repro", "download")) == ["download"]
+    with open(repo / "headstart" / "serving.py", "a") as module:  # not imported by download
+        module.write("\n# an edit the download stage does not import\n")
+    assert "changed deps" not in _run(repo, "dvc", "status", "download")
+
+    imported = "headstart/data/sources/folders.py"  # download -> sources.resolve -> sources.folders
+    with open(repo / imported, "a") as module:
+        module.write("\n# an edit the download stage imports\n")
+    status = _run(repo, "dvc", "status", "download")
+    assert "changed deps" in status and imported in status, status
+    assert _ran(_run(repo, "dvc", "repro", "download")) == ["download"]

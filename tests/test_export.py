@@ -95,7 +95,7 @@ def test_model_card_describes_the_model(exported_tree):
         json.loads((exported_tree.reports_dir / "export_parity.json").read_text())["tflite_int8"]["agreement"])
     assert card["params"]["export"]["min_float_agreement"] == 0.99
     assert len(card["data"]["split_manifest_sha256"]) == 64 and len(card["source_model_sha256"]) == 64
-    assert {"tasks/export.py", "tasks/predict.py", "tasks/datasets.py"} <= set(card["code"])
+    assert {"tasks/export.py", "headstart/serving.py", "headstart/data/datasets.py"} <= set(card["code"])
     assert card["versions"]["tensorflow"] == tf.__version__
     for fmt, entry in card["files"].items():
         assert (exported_tree.export_dir / entry["path"]).exists(), fmt

@@ -37,7 +37,7 @@ from tests.conftest import REPO_ROOT, write_class_folders
 
 FAST = {"download.min_images_per_class": 5}
 NO_FILE = "/nonexistent/params.yaml"
-"""The flow's defaults (tasks/params.py) keep these tests independent of edits to params.yaml."""
+"""The flow's defaults (headstart/params.py) keep these tests independent of edits to params.yaml."""
 
 
 @pytest.fixture(scope="module", autouse=True)

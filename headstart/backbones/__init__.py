@@ -1,1 +1,1 @@
-"""The backbone zoo: registry, preprocessing, hand-built replicas, torch weights and fine-tuning cut points."""
+"""The backbone zoo: registry, preprocessing, replicas, torch weights and fine-tuning cut points."""

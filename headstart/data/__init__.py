@@ -1,1 +1,1 @@
-"""Image data: decoding, tf.data pipelines, the manifest and the artifact readers; sources for the download stage."""
+"""Image data: decoding, tf.data pipelines, the manifest, artifact readers and caches; download sources."""
