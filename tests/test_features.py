@@ -260,7 +260,8 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     layout = Layout(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"manifest.csv not found; run `headstart split` first"):
         features.run(_params(tmp_path), layout)
-    assert cli.main(["features", "--params", str(tmp_path / "absent.yaml"), "--root", str(layout.root)]) == 2
+    (tmp_path / "defaults.yaml").write_text("{}\n")  # a named --params file must exist; empty: all defaults
+    assert cli.main(["features", "--params", str(tmp_path / "defaults.yaml"), "--root", str(layout.root)]) == 2
     assert "headstart split" in capsys.readouterr().err
 
 

@@ -137,7 +137,7 @@ def test_random_backbone_weights_are_refused(layout: Layout) -> None:
 
 
 def test_missing_or_mismatched_features_name_the_file(tmp_path: Path, layout: Layout) -> None:
-    with pytest.raises(FileNotFoundError, match=r"info.json not found: run the features stage"):
+    with pytest.raises(FileNotFoundError, match=r"info.json not found: run `headstart features` first"):
         train_head.run(make_params(tmp_path), Layout(tmp_path))
     info_path = layout.features_dir / "info.json"
     info = json.loads(info_path.read_text())
