@@ -290,7 +290,7 @@ def test_missing_or_changed_image_is_named(tmp_path, project, fashion_arrays):
     manifest = add(5)
     changed = layout.root / manifest.loc[1, "path"]
     Image.fromarray(fashion_arrays[0][100]).save(changed)
-    with pytest.raises(features.FeaturesError, match=rf"{changed}: content changed since the split manifest"):
+    with pytest.raises(features.FeaturesError, match=rf"{changed}: content changed since download recorded it"):
         features.run(_params(tmp_path), layout)
     changed.unlink()
     with pytest.raises(FileNotFoundError, match=rf"{changed}: listed in the split manifest but missing"):
