@@ -30,12 +30,13 @@ import keras  # noqa: E402
 from docs_section import DOCS, write_section  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
+from headstart.data.datasets import image_dataset  # noqa: E402
+from headstart.layout import Layout  # noqa: E402
+from headstart.params import Params, load_params  # noqa: E402
+from headstart.reporting import markdown_table  # noqa: E402
+from headstart.runtime import describe_device  # noqa: E402
 from tasks import download, features, finetune, split, train_head  # noqa: E402
 from tasks.cli import parse_override  # noqa: E402
-from tasks.datasets import image_dataset  # noqa: E402
-from tasks.layout import Layout  # noqa: E402
-from tasks.model import describe_device  # noqa: E402
-from tasks.params import Params, load_params  # noqa: E402
 
 STAGES = {"download": download, "split": split, "features": features, "train_head": train_head, "finetune": finetune}
 MINORITY_KEEP = 0.1  # fraction of train images kept for the minority classes
@@ -148,15 +149,13 @@ def markdown(params: Params, balanced: dict[str, Any], imbalanced: dict[str, Any
             f"Class weights on an imbalanced train split ({imbalanced['train_images']} train images: classes "
             f"{', '.join(imbalanced['minority'])} keep {MINORITY_KEEP:.0%} of theirs; val and test unchanged):",
             "",
-            "| class_weight | head accuracy | head macro-F1 | fine-tuned accuracy | fine-tuned macro-F1 | train_head + finetune wall time |",
-            "|---|---|---|---|---|---|",
+            markdown_table(pd.DataFrame([
+                {"class_weight": weighting, "head accuracy": r["head"]["accuracy"], "head macro-F1": r["head"]["macro_f1"],
+                 "fine-tuned accuracy": r["finetune"]["accuracy"], "fine-tuned macro-F1": r["finetune"]["macro_f1"],
+                 "train_head + finetune wall time": f"{sum(r['seconds'].values()):.1f} s"}
+                for weighting, r in ((w, imbalanced[w]) for w in ("none", "balanced"))
+            ])),
         ]
-        for weighting in ("none", "balanced"):
-            r = imbalanced[weighting]
-            lines.append(
-                f"| {weighting} | {r['head']['accuracy']:.4f} | {r['head']['macro_f1']:.4f} | {r['finetune']['accuracy']:.4f} | "
-                f"{r['finetune']['macro_f1']:.4f} | {sum(r['seconds'].values()):.1f} s |"
-            )
     return "\n".join(lines)
 
 

@@ -35,11 +35,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from headstart.backbones.loading import build_feature_extractor, load_backbone  # noqa: E402
+from headstart.files import sha256_file  # noqa: E402
+from headstart.layout import Layout  # noqa: E402
+from headstart.params import load_params  # noqa: E402
 from tasks import features  # noqa: E402
-from tasks.backbones import build_feature_extractor, load_backbone  # noqa: E402
-from tasks.files import sha256_file  # noqa: E402
-from tasks.layout import Layout  # noqa: E402
-from tasks.params import load_params  # noqa: E402
 from tests.conftest import FASHION_CLASSES, FASHION_DIR, read_idx  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))

@@ -33,12 +33,13 @@ import tensorflow as tf  # noqa: E402
 from accuracy_bench import run_stages, score_head, score_model  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
+from headstart.layout import Layout  # noqa: E402
+from headstart.params import Params, load_params  # noqa: E402
+from headstart.reporting import markdown_table  # noqa: E402
+from headstart.runtime import describe_device  # noqa: E402
+from headstart.training import assemble  # noqa: E402
 from tasks import finetune  # noqa: E402
 from tasks.cli import parse_override  # noqa: E402
-from tasks.layout import Layout  # noqa: E402
-from tasks.model import describe_device  # noqa: E402
-from tasks.params import Params, load_params  # noqa: E402
-from tasks.training import assemble  # noqa: E402
 
 OLD_DEFAULT = {"top_blocks": 4, "batch_norm": "frozen", "optimizer": "sgd", "learning_rate": 1e-4,
                "schedule": "constant", "label_smoothing": 0.0, "weight_decay": 0.0, "epochs": 3}
@@ -122,20 +123,23 @@ def markdown(rows: list[dict[str, Any]], head: dict[str, float], peak: float, co
         f"Float32 matmul peak measured in the same run: {peak:.0f} GFLOP/s. GFLOP/s counts the conv and "
         "dense layers: forward x3 where weights train, x2 above the cut, x1 below.",
         "",
-        "| recipe | overrides | test acc | gain vs head | best epoch | val loss per epoch (0 = head) | s/epoch | "
-        "train img/s | GFLOP/s (share of peak) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        markdown_table(pd.DataFrame([_row(r, head) for r in rows])),
     ]
-    for r in rows:
-        rate = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "-"
-        flops = f"{r['gflops']:.0f} ({r['peak_share']:.0%})" if r["gflops"] else "-"
-        seconds = f"{r['seconds_per_epoch']:.0f}" if r["seconds_per_epoch"] else "-"
-        overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(params.yaml)"
-        lines.append(
-            f"| {r['recipe']} | {overrides} | {r['accuracy']:.4f} | {100 * (r['accuracy'] - head['accuracy']):+.2f} | "
-            f"{r['best_epoch']} | {', '.join(f'{v:.3f}' for v in r['val_loss'])} | {seconds} | {rate} | {flops} |"
-        )
     return "\n".join(lines)
+
+
+def _row(r: dict[str, Any], head: dict[str, float]) -> dict[str, Any]:
+    return {
+        "recipe": r["recipe"],
+        "overrides": ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(params.yaml)",
+        "test acc": r["accuracy"],
+        "gain vs head": f"{100 * (r['accuracy'] - head['accuracy']):+.2f}",
+        "best epoch": r["best_epoch"],
+        "val loss per epoch (0 = head)": ", ".join(f"{v:.3f}" for v in r["val_loss"]),
+        "s/epoch": f"{r['seconds_per_epoch']:.0f}" if r["seconds_per_epoch"] else "-",
+        "train img/s": f"{r['images_per_second']:.0f}" if r["images_per_second"] else "-",
+        "GFLOP/s (share of peak)": f"{r['gflops']:.0f} ({r['peak_share']:.0%})" if r["gflops"] else "-",
+    }
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Unchanged-rerun cost through DVC and through Prefect, and a PR report for a one-param change.
 
-In a temporary git repo holding the project's DVC files and tasks/ (the `quick` preset of
+In a temporary git repo holding the project's DVC files, tasks/ and headstart/ (the `quick` preset of
 prefect.yaml on the Fashion-MNIST preset): `dvc repro`, then time a second (no-op) `dvc repro`;
 run the Prefect flow on the same data root, then time an unchanged rerun (every stage cached).
 Then change train_head.learning_rate, reproduce, and write the PR report against the commit.
@@ -55,7 +55,7 @@ def main() -> None:
     preset = next(d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"] if d["name"] == "quick")
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
-        names = subprocess.run(["git", "ls-files", "tasks", *FILES], cwd=REPO, capture_output=True, text=True,
+        names = subprocess.run(["git", "ls-files", "tasks", "headstart", *FILES], cwd=REPO, capture_output=True, text=True,
                                check=True).stdout.split()
         for name in names:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)

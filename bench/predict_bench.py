@@ -1,6 +1,6 @@
 """Accuracy, size and CPU latency of every exported format, side by side.
 
-Runs each format through `tasks.predict.load_predictor` (what `headstart predict` uses) on the
+Runs each format through `headstart.serving.load_predictor` (what `headstart predict` uses) on the
 project's test split and on a real photo, and prints a Markdown table with ratios to `.keras`.
 
     .venv/bin/python bench/predict_bench.py --root . [--repeats 30] [--batch 32]
@@ -19,10 +19,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tasks.export import FILES  # noqa: E402
-from tasks.images import load_rgb  # noqa: E402
-from tasks.layout import Layout  # noqa: E402
-from tasks.predict import Predictor, load_predictor  # noqa: E402
+from headstart.data.images import load_rgb  # noqa: E402
+from headstart.layout import Layout  # noqa: E402
+from headstart.serving import FILES, Predictor, load_predictor  # noqa: E402
 
 PHOTO = Path("/usr/share/darknet/data/dog.jpg")
 

@@ -1,7 +1,7 @@
 """Peak memory of `headstart predict` on large photos, with and without decoding toward the model size.
 
 Makes camera-sized JPEGs (24 and 35 MP) from the real darknet and scikit-image photos in a temp
-folder, then runs `tasks.predict.predict_inputs` over the folder in a fresh process per mode and
+folder, then runs `headstart.predict.predict_inputs` over the folder in a fresh process per mode and
 prints each process's peak RSS (VmHWM) side by side. "full size" is predict before decoding
 toward the model's input: the whole picture decoded and stacked, and cast to float32 inside the
 model. Without --model, the default run's architecture (MobileNetV2 at 96 px, random weights:
@@ -50,10 +50,10 @@ def make_photos(folder: Path, count: int) -> None:
 
 def stand_in_model(folder: Path) -> Path:
     """The default run's exported model (MobileNetV2, 96 px, 10 classes), random weights, and labels.txt."""
-    from tasks.backbones import load_backbone
-    from tasks.export import serving_model
-    from tasks.model import build_classifier, build_head
-    from tasks.params import TrainHeadParams
+    from headstart.backbones.loading import load_backbone
+    from headstart.model import build_classifier, build_head
+    from headstart.params import TrainHeadParams
+    from headstart.serving import serving_model
 
     backbone = load_backbone("mobilenet_v2_tv", "none", 96, folder / "backbone")
     classifier = build_classifier(backbone, build_head(backbone.feature_dim, 10, TrainHeadParams()))
@@ -65,7 +65,8 @@ def stand_in_model(folder: Path) -> Path:
 
 def child(model: Path, photos: Path, image_size: int) -> None:
     """One measured run: predict every photo in the folder; prints peak RSS and wall time as JSON."""
-    from tasks.predict import load_predictor, predict_inputs
+    from headstart.predict import predict_inputs
+    from headstart.serving import load_predictor
 
     predictor = load_predictor(model)
     predictor.image_size = image_size or None
@@ -92,7 +93,7 @@ def main() -> None:
         child(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))
         return
 
-    from tasks.predict import read_input_size
+    from headstart.serving import read_input_size
 
     with tempfile.TemporaryDirectory(prefix="predict-memory-") as scratch:
         photos = Path(scratch) / "photos"

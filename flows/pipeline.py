@@ -10,7 +10,6 @@ outputs in place, as `dvc repro` would.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import time
 from pathlib import Path
@@ -26,9 +25,10 @@ from pydantic import Field
 
 from flows.sharding import dask_runner, features_sharded
 from flows.stages import StageSpec, output_hashes, read_stage_specs, stage_key
-from tasks.download import DownloadError
-from tasks.layout import Layout
-from tasks.params import STAGES, Params, load_params
+from headstart.data.sources.candidates import DownloadError
+from headstart.layout import Layout
+from headstart.params import STAGES, Params, load_params
+from headstart.reporting import run_report
 
 RESULTS_ENV = "HEADSTART_RESULTS_DIR"
 ARTIFACT_KEY = "headstart-run-report"
@@ -43,7 +43,7 @@ def _key_from_parameters(_context: Any, parameters: dict[str, Any]) -> str:
 def is_transient(exc: BaseException) -> bool:
     """Network trouble is worth another try later; bad input (wrong path, bad archive, checksum) is not.
 
-    tasks.download retries each transfer itself and then raises DownloadError("... download failed
+    The download stage retries each transfer itself and then raises DownloadError("... download failed
     after N attempts ..."), keeping the partial file so the next attempt resumes it.
     """
     if isinstance(exc, DownloadError):
@@ -122,32 +122,6 @@ def _stage_task(stage: str, storage: Path, refresh: bool, retries: int, backoff_
     return run_stage.with_options(**options)
 
 
-def _metrics_rows(metrics: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(metrics, dict):
-        return [row for key, value in metrics.items() for row in _metrics_rows(value, f"{prefix}{key}.")]
-    return [(prefix.rstrip("."), metrics)]
-
-
-def _format(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def run_report(layout: Layout, outcomes: list[dict[str, Any]]) -> str:
-    """Markdown for the run's artifact: what ran or was cached, the metrics, and where the figures are."""
-    lines = ["# headstart run", "", "| stage | status | seconds | content key |", "|---|---|---:|---|"]
-    lines += [f"| {o['stage']} | {o['status']} | {o['seconds']:.1f} | `{o['key'][-16:]}` |" for o in outcomes]
-    lines += ["", "## Metrics", ""]
-    if layout.metrics_file.exists():
-        rows = _metrics_rows(json.loads(layout.metrics_file.read_text()))
-        lines += ["| metric | value |", "|---|---:|"] + [f"| {name} | {_format(value)} |" for name, value in rows]
-    else:
-        lines.append(f"No `{layout.metrics_file}` yet: the evaluate stage has not run.")
-    figures = sorted(layout.reports_dir.glob("**/*confusion*"))
-    lines += ["", "## Confusion matrix", ""]
-    lines += [f"- `{path.resolve()}`" for path in figures] or ["Not produced yet: the evaluate stage has not run."]
-    return "\n".join(lines) + "\n"
-
-
 @flow(name="headstart-pipeline", log_prints=True, persist_result=False)
 def pipeline(
     overrides: dict[str, Any] | None = None,
@@ -163,7 +137,7 @@ def pipeline(
     """Run the stages (all, or the named ones in pipeline order); returns each stage's status.
 
     `overrides` (dotted like {"train_head.epochs": 5} or nested) apply over `params_file` and are
-    validated by tasks.params.load_params, exactly as `headstart <stage> --set` does.
+    validated by headstart.params.load_params, exactly as `headstart <stage> --set` does.
     `download_retries` reruns the whole download stage after a transient failure, waiting
     retry_backoff_s, then twice that, ... (each transfer also retries itself, download.retries).
     `feature_shards` > 1 splits the features stage into that many tasks on a local Dask cluster of

@@ -20,10 +20,10 @@ import pandas as pd
 from prefect import flow, get_run_logger, task, unmapped
 from prefect_dask import DaskTaskRunner
 
+from headstart.files import atomic_path
+from headstart.layout import Layout
+from headstart.params import Params
 from tasks import features
-from tasks.files import atomic_path
-from tasks.layout import Layout
-from tasks.params import Params
 
 
 class ShardingError(RuntimeError):

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from tasks.files import sha256_file
-from tasks.params import STAGES, Params
+from headstart.files import sha256_file
+from headstart.params import STAGES, Params
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
-CODE_DIRS = ("tasks", "flows")
+CODE_DIRS = ("tasks", "headstart", "flows")
 """Deps under these folders are code: they resolve against the installed checkout, not the data root."""
 PARAMS_FILE = "params.yaml"
 
@@ -70,7 +70,7 @@ def read_stage_specs(dvc_file: Path = CODE_ROOT / "dvc.yaml") -> dict[str, Stage
     specs: dict[str, StageSpec] = {}
     for name in STAGES:
         if name not in declared:
-            raise StageDeclarationError(f"{dvc_file}: stage '{name}' is missing; add it (see tasks.params.STAGES).")
+            raise StageDeclarationError(f"{dvc_file}: stage '{name}' is missing; add it (see headstart.params.STAGES).")
         block = declared[name]
         specs[name] = StageSpec(
             name=name,
@@ -102,7 +102,7 @@ def param_value(params: Params, dotted: str) -> Any:
     node: Any = params.model_dump(mode="json")
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise StageDeclarationError(f"dvc.yaml names param '{dotted}', which tasks/params.py does not define.")
+            raise StageDeclarationError(f"dvc.yaml names param '{dotted}', which headstart/params.py does not define.")
         node = node[part]
     return node
 

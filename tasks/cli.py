@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from tasks.layout import Layout
-from tasks.params import STAGES, TOOLS, ParamsError, load_params
+from headstart.layout import Layout
+from headstart.params import STAGES, TOOLS, ParamsError, load_params
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -89,17 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             _run_stage(args.command, args)
             return 0
         if args.command == "backbones":
-            from tasks.backbones import describe_registry
+            from headstart.backbones.describe import describe_registry
 
             print(describe_registry())
             return 0
         if args.command == "inspect":
-            from tasks.backbones import inspect_backbone
+            from headstart.backbones.describe import inspect_backbone
 
             print(inspect_backbone(args.backbone, weights=args.weights, image_size=args.image_size))
             return 0
         if args.command == "predict":
-            from tasks.predict import main as predict_main
+            from headstart.predict import main as predict_main
 
             return predict_main(args)
     except (ParamsError, FileNotFoundError, ValueError) as exc:

@@ -10,31 +10,23 @@ scikit-learn's metrics on those predictions. Outputs: `metrics.json` (stable dot
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    log_loss,
-    precision_recall_fscore_support,
-    top_k_accuracy_score,
-)
+from sklearn.metrics import confusion_matrix
 
-from tasks.artifacts import live_dir, load_model, load_split, read_features_info, read_json
-from tasks.datasets import image_dataset
-from tasks.figures import save_figure
-from tasks.files import atomic_write_json, atomic_write_text
-from tasks.images import load_rgb
-from tasks.layout import Layout
-from tasks.manifest import read_split_manifest
-from tasks.model import with_flip_tta
-from tasks.params import Params
+from headstart.data.artifacts import live_dir, load_model, load_split, read_features_info, read_json
+from headstart.data.datasets import image_dataset
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_write_json, atomic_write_text
+from headstart.layout import Layout
+from headstart.metrics import classification_metrics, per_class_report
+from headstart.model import with_flip_tta
+from headstart.params import EvaluateParams, Params
+from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
 
 log = logging.getLogger(__name__)
 
@@ -47,51 +39,6 @@ class EvaluateError(ValueError):
 
 class QualityGateError(ValueError):
     """The final model's test accuracy is below `evaluate.assert_min_accuracy`."""
-
-
-def top_k_accuracy(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
-    """Share of images whose class is among the `k` most probable, for any number of classes.
-
-    With `k` >= the number of classes every image counts (1.0; scikit-learn only warns that this is
-    meaningless). scikit-learn refuses two-column scores for two classes, so those pass the second
-    class's probability, which ranks the two classes the same way (top-1 = probability above 0.5).
-    """
-    num_classes = probs.shape[1]
-    if k >= num_classes:
-        return 1.0
-    scores = probs[:, 1] if num_classes == 2 else probs
-    return float(top_k_accuracy_score(labels, scores, k=k, labels=np.arange(num_classes)))
-
-
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, top_k: int) -> dict[str, float]:
-    """Accuracy, top-k accuracy, macro/weighted precision-recall-F1 and log loss of one model on one split."""
-    num_classes = probs.shape[1]
-    everyone = np.arange(num_classes)
-    predicted = probs.argmax(axis=1)
-    # float32 softmax rows sum to 1 only within ~1e-7; log_loss wants exact probabilities
-    probs64 = probs.astype(np.float64)
-    probs64 /= probs64.sum(axis=1, keepdims=True)
-    result = {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "top_k_accuracy": top_k_accuracy(labels, probs64, top_k),
-        "log_loss": float(log_loss(labels, probs64, labels=everyone)),
-        "images": int(len(labels)),
-    }
-    for average in ("macro", "weighted"):
-        precision, recall, f1, _ = precision_recall_fscore_support(
-            labels, predicted, labels=everyone, average=average, zero_division=0
-        )
-        result.update({f"{average}_precision": float(precision), f"{average}_recall": float(recall),
-                       f"{average}_f1": float(f1)})
-    return result
-
-
-def per_class_report(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """One row per class: precision, recall, F1 and support (scikit-learn's classification report)."""
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=np.arange(len(classes)), zero_division=0
-    )
-    return pd.DataFrame({"class": classes, "precision": precision, "recall": recall, "f1": f1, "support": support})
 
 
 def _split_rows(layout: Layout, classes: list[str]) -> dict[str, pd.DataFrame]:
@@ -117,87 +64,6 @@ def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info:
     return model.predict(dataset, verbose=0)
 
 
-def plot_confusion(matrix: np.ndarray, classes: list[str], target: Path) -> None:
-    """Heat map coloured by row-normalised recall, annotated with the counts."""
-    size = max(4.0, 0.6 * len(classes) + 2)
-    figure = Figure(figsize=(size + 1, size))
-    axis = figure.subplots()
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(image, ax=axis, fraction=0.046, label="share of the actual class")
-    axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="actual",
-             title="Confusion matrix (test split, final model)")
-    axis.set_xticklabels(classes, rotation=45, ha="right")
-    axis.set_yticklabels(classes)
-    if len(classes) <= 30:
-        for (row, col), count in np.ndenumerate(matrix):
-            axis.text(col, row, str(count), ha="center", va="center", fontsize=8,
-                      color="white" if rates[row, col] > 0.5 else "black")
-    save_figure(figure, target)
-
-
-def plot_training_curves(live_root: Path, target: Path) -> int:
-    """One panel per stage and metric from dvclive's per-step TSV files; returns the panel count."""
-    panels: dict[tuple[str, str], list[tuple[str, pd.DataFrame]]] = {}
-    for tsv in sorted(live_root.glob("*/plots/metrics/**/*.tsv")):
-        stage = tsv.relative_to(live_root).parts[0]
-        series = tsv.parent.name if tsv.parent.name != "metrics" else ""
-        panels.setdefault((stage, tsv.stem), []).append((series, pd.read_csv(tsv, sep="\t")))
-    columns = max(1, len({metric for _, metric in panels}))
-    stages = sorted({stage for stage, _ in panels}) or ["(none)"]
-    figure = Figure(figsize=(4.5 * columns, 3.2 * len(stages)))
-    axes = figure.subplots(len(stages), columns, squeeze=False)
-    metrics = sorted({metric for _, metric in panels})
-    for row, stage in enumerate(stages):
-        for col in range(columns):
-            axis = axes[row][col]
-            curves = panels.get((stage, metrics[col]), []) if metrics else []
-            if not curves:
-                axis.axis("off")
-                continue
-            for series, frame in curves:
-                axis.plot(frame["step"], frame[frame.columns[-1]], marker="o", markersize=3, label=series or metrics[col])
-            axis.set(title=f"{stage}: {metrics[col]}", xlabel="step (epoch)")
-            axis.legend(fontsize=8)
-    if not panels:
-        axes[0][0].text(0.5, 0.5, f"no dvclive curves under {live_root}", ha="center", va="center")
-    figure.tight_layout()
-    save_figure(figure, target)
-    return len(panels)
-
-
-def plot_misclassified(rows: pd.DataFrame, probs: np.ndarray, classes: list[str], layout: Layout, count: int,
-                       target: Path) -> pd.DataFrame:
-    """Gallery of the most confidently wrong test images; returns the rows it shows."""
-    predicted = probs.argmax(axis=1)
-    wrong = rows.assign(predicted=predicted, confidence=probs.max(axis=1))[predicted != rows["y"].to_numpy()]
-    worst = wrong.sort_values("confidence", ascending=False, kind="stable").head(count)
-    columns = max(1, min(4, len(worst)))
-    grid_rows = max(1, math.ceil(len(worst) / columns))
-    figure = Figure(figsize=(2.6 * columns, 3.2 * grid_rows))
-    axes = figure.subplots(grid_rows, columns, squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, row in zip(axes.flat, worst.itertuples(), strict=False):
-        axis.imshow(load_rgb(layout.root / row.path))
-        axis.set_title(f"true: {row.label}\npred: {classes[row.predicted]} ({row.confidence:.2f})", fontsize=8)
-    if worst.empty:
-        axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
-    figure.suptitle("Most confident mistakes (test split, final model)", fontsize=10)
-    figure.tight_layout()
-    save_figure(figure, target)
-    return worst
-
-
-def _markdown_table(frame: pd.DataFrame) -> str:
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, confusions: pd.DataFrame,
                  worst: pd.DataFrame, info: dict[str, Any], gate: str) -> None:
     summary = []
@@ -221,19 +87,19 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
         "",
         "## Summary",
         "",
-        _markdown_table(pd.DataFrame(summary)),
+        markdown_table(pd.DataFrame(summary)),
         "",
         "## Per class (final model, test split)",
         "",
-        _markdown_table(report),
+        markdown_table(report),
         "",
         "## Most frequent confusions (test split)",
         "",
-        _markdown_table(confusions) if not confusions.empty else "No misclassified test images.",
+        markdown_table(confusions) if not confusions.empty else "No misclassified test images.",
         "",
         "## Most confident mistakes",
         "",
-        _markdown_table(worst[["path", "label", "predicted_label", "confidence"]]) if not worst.empty else "None.",
+        markdown_table(worst[["path", "label", "predicted_label", "confidence"]]) if not worst.empty else "None.",
         "",
         "## Figures",
         "",
@@ -247,21 +113,22 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
     atomic_write_text(target, "\n".join(text))
 
 
-def run(params: Params, layout: Layout) -> dict[str, Any]:
-    p = params.evaluate
-    info = read_json(layout.finetune_dir / "info.json", "finetune")
-    classes = list(info["classes"])
-    features_info = read_features_info(layout)
+def _check_classes(layout: Layout, classes: list[str], features_info: dict[str, Any]) -> None:
     if list(features_info["classes"]) != classes:
         raise EvaluateError(
             f"{layout.features_dir / 'info.json'} lists classes {features_info['classes']} but "
             f"{layout.finetune_dir / 'info.json'} lists {classes}: rerun train_head and finetune"
         )
+
+
+def _score(params: Params, layout: Layout, info: dict[str, Any], features_info: dict[str, Any],
+           rows: dict[str, pd.DataFrame]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metrics of the head (on cached features) and of the final model (on images), per evaluated split."""
+    p = params.evaluate
+    classes = list(info["classes"])
     head = load_model(layout.head_dir / "head.keras", "train_head")
     plain = load_model(layout.finetune_dir / "model.keras", "finetune")
     model = with_flip_tta(plain) if p.tta_flip else plain  # what export will serve
-    rows = _split_rows(layout, classes)
-
     metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": bool(info.get("fine_tuned")),
                                "tta_flip": p.tta_flip, "head": {}}
     if p.tta_flip:
@@ -283,8 +150,20 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             metrics["without_tta"][split] = classification_metrics(frame["y"].to_numpy(), plain_probs, p.top_k)
         log.info("evaluate: %s accuracy %.4f (head only %.4f) on %d images", split, metrics[split]["accuracy"],
                  metrics["head"][split]["accuracy"], len(frame))
+    return metrics, final_probs
 
-    test, probs = rows["test"], final_probs["test"]
+
+def _gate(metrics: dict[str, Any], floor: float | None) -> tuple[bool, str]:
+    accuracy = metrics["test"]["accuracy"]
+    passed = floor is None or accuracy >= floor
+    gate = ("not set (evaluate.assert_min_accuracy: null)" if floor is None
+            else f"{'passed' if passed else 'FAILED'}: test accuracy {accuracy:.4f} vs minimum {floor:.4f}")
+    return passed, gate
+
+
+def _write_test_reports(layout: Layout, p: EvaluateParams, test: pd.DataFrame, probs: np.ndarray,
+                        classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The per-class and confusion CSVs and the figures; returns the tables the Markdown report shows."""
     predicted = probs.argmax(axis=1)
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     figures = layout.reports_dir / "figures"
@@ -295,20 +174,28 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     matrix = confusion_matrix(test["y"], predicted, labels=np.arange(len(classes)))
     plot_confusion(matrix, classes, figures / "confusion_matrix.png")
     plot_training_curves(live_dir(layout, "train_head").parent, figures / "training_curves.png")
-    worst = plot_misclassified(test, probs, classes, layout, p.gallery_size, figures / "misclassified.png")
+    worst = plot_misclassified(test, probs, classes, layout.root, p.gallery_size, figures / "misclassified.png")
     worst = worst.assign(predicted_label=[classes[i] for i in worst["predicted"]])
     confusions = (pairs[pairs["actual"] != pairs["predicted"]].value_counts().rename("count").reset_index().head(10))
+    return report, confusions, worst
 
-    accuracy = metrics["test"]["accuracy"]
-    floor = p.assert_min_accuracy
-    passed = floor is None or accuracy >= floor
-    gate = ("not set (evaluate.assert_min_accuracy: null)" if floor is None
-            else f"{'passed' if passed else 'FAILED'}: test accuracy {accuracy:.4f} vs minimum {floor:.4f}")
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    p = params.evaluate
+    info = read_json(layout.finetune_dir / "info.json", "finetune")
+    classes = list(info["classes"])
+    features_info = read_features_info(layout)
+    _check_classes(layout, classes, features_info)
+    rows = _split_rows(layout, classes)
+    metrics, final_probs = _score(params, layout, info, features_info, rows)
+    report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes)
+    passed, gate = _gate(metrics, p.assert_min_accuracy)
     write_report(layout.reports_dir / "evaluation.md", metrics, report, confusions, worst, info, gate)
     atomic_write_json(layout.metrics_file, metrics)
     if not passed:
         raise QualityGateError(
-            f"test accuracy {accuracy:.4f} is below evaluate.assert_min_accuracy={floor:g}: the model failed the quality "
+            f"test accuracy {metrics['test']['accuracy']:.4f} is below evaluate.assert_min_accuracy="
+            f"{p.assert_min_accuracy:g}: the model failed the quality "
             f"gate. See {layout.reports_dir / 'evaluation.md'}; lower the threshold or improve the model."
         )
     return metrics

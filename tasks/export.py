@@ -4,7 +4,7 @@ The exported model takes uint8 RGB images of any size: Input (None, None, 3) uin
 the same Keras `Resizing` layer the data pipeline uses -> the classifier (preprocessing inside).
 Formats: `.keras`, a SavedModel with a named serving signature, and TFLite float32 / float16 /
 full-integer int8 (calibrated on a sample of the train split). A parity check runs every format
-through `tasks.predict`'s loaders on the test split; float formats that disagree with Keras on
+through `headstart.serving`'s loaders (predict's too) on the test split; float formats that disagree with Keras on
 more than `1 - export.min_float_agreement` of the images fail the stage.
 """
 
@@ -22,17 +22,16 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import layers
 
-from tasks.artifacts import load_model, read_json
-from tasks.datasets import resizing_layer
-from tasks.files import atomic_directory, atomic_write_json, sha256_file
-from tasks.images import load_rgb
-from tasks.layout import Layout
-from tasks.manifest import read_split_manifest
-from tasks.model import with_flip_tta
-from tasks.params import Params
-from tasks.predict import (
+from headstart.data.artifacts import load_model, read_json
+from headstart.data.images import load_rgb
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_directory, atomic_write_json, sha256_file
+from headstart.layout import Layout
+from headstart.model import with_flip_tta
+from headstart.params import Params
+from headstart.serving import (
+    FILES,
     INPUT_NAME,
     LABELS_FILE,
     MODEL_CARD,
@@ -41,42 +40,18 @@ from tasks.predict import (
     Predictor,
     keras_runner,
     load_predictor,
+    serving_model,
+    write_saved_model,
 )
 
 log = logging.getLogger(__name__)
 
-FILES = {
-    "keras": "model.keras",
-    "saved_model": "saved_model",
-    "tflite_float32": "model_float32.tflite",
-    "tflite_float16": "model_float16.tflite",
-    "tflite_int8": "model_int8.tflite",
-}
 FLOAT_FORMATS = ("keras", "saved_model", "tflite_float32", "tflite_float16")
 PARITY_BATCH = 32
 
 
 class ExportParityError(ValueError):
     """An exported float format disagrees with the Keras model more than allowed."""
-
-
-def serving_model(classifier: keras.Model, image_size: int, interpolation: str) -> keras.Model:
-    """Raw uint8 RGB of any size in, class probabilities out; built-in layers only (safe-mode loadable)."""
-    image = keras.Input((None, None, 3), dtype="uint8", name=INPUT_NAME)
-    x = layers.Rescaling(1.0, name="to_float32")(image)  # Rescaling casts to its float32 compute dtype
-    x = resizing_layer(image_size, interpolation)(x)
-    return keras.Model(image, classifier(x), name="headstart_classifier")
-
-
-def write_saved_model(model: keras.Model, target: Path) -> None:
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name=SIGNATURE,
-        fn=lambda image: {OUTPUT_NAME: model(image, training=False)},
-        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)],
-    )
-    archive.write_out(str(target), verbose=False)
 
 
 def representative_images(layout: Layout, count: int, image_size: int) -> list[np.ndarray]:
@@ -159,9 +134,11 @@ def _size(path: Path) -> int:
 
 
 def code_hashes() -> dict[str, str]:
-    """sha256 of every module of the installed `tasks` package: which code made this model."""
-    package = Path(__file__).resolve().parent
-    return {f"tasks/{p.name}": sha256_file(p) for p in sorted(package.glob("*.py"))}
+    """sha256 of every module of the installed stages (`tasks`) and library (`headstart`): which code made
+    this model."""
+    root = Path(__file__).resolve().parents[1]
+    modules = sorted([*(root / "tasks").glob("*.py"), *(root / "headstart").rglob("*.py")])
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in modules}
 
 
 def model_card(params: Params, layout: Layout, info: dict[str, Any], files: dict[str, Path], parity: dict[str, Any],

@@ -16,11 +16,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,69 +30,22 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
-from tasks.artifacts import class_weights, live_dir, read_features_info, read_json
-from tasks.datasets import cached_images
-from tasks.files import atomic_directory, remove_stale_temps, sha256_file
-from tasks.layout import Layout
-from tasks.manifest import read_split_manifest
-from tasks.model import require_trained_weights, reseed, runtime_info, seed_everything
-from tasks.params import FinetuneParams, Params
-from tasks.training import (
-    HISTORY_COLUMNS,
-    EpochCheckpoints,
-    EpochData,
-    assemble,
-    compile_for_finetuning,
-    configure_trainable,
-    image_rows,
-)
+from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints
+from headstart.data.artifacts import class_weights, live_dir, read_features_info, read_json
+from headstart.data.datasets import cached_images
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_directory, remove_stale_temps, sha256_file
+from headstart.layout import Layout
+from headstart.model import require_trained_weights, reseed
+from headstart.params import FinetuneParams, Params
+from headstart.runtime import choose_strategy, is_chief, mixed_precision, runtime_info, seed_everything
+from headstart.training import EpochData, assemble, compile_for_finetuning, configure_trainable, image_rows
 
 log = logging.getLogger(__name__)
 
 
 class FinetuneError(ValueError):
     """Inputs fine-tuning cannot use; the message names the file or key."""
-
-
-# ---------------------------------------------------------------- distribution
-
-
-def choose_strategy(kind: str) -> tf.distribute.Strategy:
-    """auto: several workers in TF_CONFIG -> multi-worker, several GPUs -> mirrored, else the default.
-
-    `mirrored` without GPUs mirrors over the logical CPU devices (how the tests run it on CPU).
-    """
-    workers = len(json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", []))
-    gpus = tf.config.list_logical_devices("GPU")
-    if kind == "multi_worker" or (kind == "auto" and workers > 1):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if kind == "mirrored":
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
-    if kind == "auto" and len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Only the chief writes outputs; other multi-worker replicas write to a scratch folder."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
-        return True
-    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
-
-
-@contextmanager
-def precision(mixed: bool) -> Iterator[None]:
-    """mixed_float16 while the model is built and trained; the global policy is restored after."""
-    previous = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 # ---------------------------------------------------------------- inputs
@@ -117,9 +68,6 @@ def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
         "manifest": sha256_file(layout.split_manifest),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-# ---------------------------------------------------------------- model
 
 
 # ---------------------------------------------------------------- stage
@@ -171,11 +119,20 @@ def _fit(model: keras.Model, data: EpochData, ft: FinetuneParams, checkpoints: E
     state["stopped"] = bool(model.stop_training)
 
 
-def run(params: Params, layout: Layout) -> dict[str, Any]:
-    ft = params.finetune
-    require_trained_weights(params.features)
-    checkpoints_of_each_key = [folder / "*" for folder in layout.checkpoint_dir.glob("*") if folder.is_dir()]
-    remove_stale_temps(layout.finetune_dir, layout.image_cache_dir / "*", *checkpoints_of_each_key)
+@dataclass
+class _Inputs:
+    """What fine-tuning reads from earlier stages, checked against each other."""
+
+    head_info: dict[str, Any]
+    features_info: dict[str, Any]
+    classes: list[str]
+    rows: pd.DataFrame
+    labels: np.ndarray
+    n_train: int
+    weights: dict[int, float] | None
+
+
+def _read_inputs(params: Params, layout: Layout) -> _Inputs:
     head_info = read_json(layout.head_dir / "info.json", "train_head")
     features_info = read_features_info(layout)
     manifest = read_split_manifest(layout.split_manifest)
@@ -183,41 +140,31 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     _check_inputs(classes, head_info, features_info, layout)
     rows, labels, n_train = image_rows(layout, manifest, classes)
     weights = class_weights(params.train_head.class_weight, labels[:n_train], classes)
+    return _Inputs(head_info, features_info, classes, rows, labels, n_train, weights)
 
-    strategy = choose_strategy(ft.distribution if ft.enabled else "none")
-    chief = is_chief(strategy)
-    seed_everything(ft.seed, ft.deterministic)
-    with precision(ft.mixed_precision and ft.enabled), strategy.scope():
-        model, backbone = assemble(params, layout)
-        if features_info.get("weights_id") != backbone.weights_id or int(features_info["image_size"]) != backbone.image_size:
-            raise FinetuneError(
-                f"data/features/info.json was computed with weights {features_info.get('weights_id')} at "
-                f"{features_info['image_size']} px, the backbone now loads {backbone.weights_id} at {backbone.image_size} px: "
-                "rerun features and train_head"
-            )
-        trainable, blocks = configure_trainable(model, backbone, ft)
-        release = compile_for_finetuning(model, blocks, ft, math.ceil(n_train / ft.batch_size))
 
-    images = cached_images([str(layout.root / p) for p in rows["path"]], list(rows["sha256"]), backbone.image_size,
-                           backbone.spec.interpolation, layout.image_cache_dir)
-    data = EpochData(images, labels, n_train, len(classes), ft)
-    scratch = None if chief else Path(tempfile.mkdtemp(prefix="headstart-worker-"))
-    key = checkpoint_key(params, layout, backbone.weights_id)
-    folder = (scratch or layout.checkpoint_dir) / key
+def _check_backbone(features_info: dict[str, Any], backbone: Any) -> None:
+    if features_info.get("weights_id") != backbone.weights_id or int(features_info["image_size"]) != backbone.image_size:
+        raise FinetuneError(
+            f"data/features/info.json was computed with weights {features_info.get('weights_id')} at "
+            f"{features_info['image_size']} px, the backbone now loads {backbone.weights_id} at {backbone.image_size} px: "
+            "rerun features and train_head"
+        )
+
+
+def _load_state(folder: Path, ft: FinetuneParams) -> dict[str, Any] | None:
+    """The checkpoint state to resume from, or None to start from the head-only model."""
     state = EpochCheckpoints.load(folder) if ft.enabled else None
     if state is not None and state["epochs_done"] > ft.epochs:
         log.info("finetune: checkpoint %s ran %d epochs, more than the %d asked: starting again", folder,
                  state["epochs_done"], ft.epochs)
         state = None
-    resumed_from = state["epochs_done"] if state else 0
+    return state
 
-    def before_epoch(epoch: int) -> None:
-        reseed(model, ft.seed * 1000 + epoch)
-        data.start_epoch(epoch)
-        release(epoch)
 
-    checkpoints = EpochCheckpoints(folder, state or {}, before_epoch, stopper=None)
-    checkpoints.set_model(model)
+def _start(checkpoints: EpochCheckpoints, model: keras.Model, data: EpochData, state: dict[str, Any] | None,
+           folder: Path, ft: FinetuneParams) -> None:
+    """A fresh run's baseline (the head-only model, epoch 0), or the weights of the epoch it stopped after."""
     if state is None:
         baseline = {"epoch": 0, **_evaluate(model, data.val)}
         checkpoints.state = {"epochs_done": 0, "history": [baseline], "best_val_loss": baseline["val_loss"],
@@ -227,27 +174,26 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     else:
         log.info("finetune: resuming from %s after epoch %d", folder, state["epochs_done"])
         model.load_weights(folder / state["last"])
-    state = checkpoints.state
-    initial = state["history"][0]
+
+
+def _check_baseline(initial: dict[str, Any], inputs: _Inputs) -> None:
     # uint8 rounding of the cached pixels flips a few borderline images against the cached features
-    if abs(initial["val_accuracy"] - head_info["val_accuracy"]) > max(2.0 / (len(labels) - n_train), 0.005) + 1e-6:
+    tolerance = max(2.0 / (len(inputs.labels) - inputs.n_train), 0.005) + 1e-6
+    if abs(initial["val_accuracy"] - inputs.head_info["val_accuracy"]) > tolerance:
         log.warning("finetune: the assembled model's val accuracy %.4f differs from the head's %.4f on cached "
                     "features: check that features were computed with the same backbone and preprocessing",
-                    initial["val_accuracy"], head_info["val_accuracy"])
+                    initial["val_accuracy"], inputs.head_info["val_accuracy"])
 
-    live = Live(str(live_dir(layout, "finetune") if chief else scratch / "live"), dvcyaml=None, save_dvc_exp=False)
-    _log_live(live, state["history"])
-    if ft.enabled:
-        _fit(model, data, ft, checkpoints, live, weights)
-        model.load_weights(folder / state["best"])
 
+def _info(ft: FinetuneParams, inputs: _Inputs, backbone: Any, state: dict[str, Any], resumed_from: int,
+          strategy: tf.distribute.Strategy, key: str, trainable: dict[str, Any]) -> dict[str, Any]:
     history = state["history"]
-    best = history[state["best_epoch"]]
+    best, initial = history[state["best_epoch"]], history[0]
     epoch_seconds = [h["seconds"] for h in history[1:]]
-    info = {
+    return {
         # false when disabled, or when no epoch beat the head-only model (which is then what is saved)
         "fine_tuned": bool(ft.enabled and state["best_epoch"] > 0),
-        "classes": classes,
+        "classes": inputs.classes,
         "image_size": backbone.image_size,
         "backbone": backbone.spec.name,
         "weights_id": backbone.weights_id,
@@ -259,21 +205,70 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         "best_val_accuracy": best["val_accuracy"],
         "best_val_loss": best["val_loss"],
         "initial_val_accuracy": initial["val_accuracy"],
-        "head_val_accuracy": head_info["val_accuracy"],
+        "head_val_accuracy": inputs.head_info["val_accuracy"],
         "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
-        "train_images_per_second": n_train / float(np.mean(epoch_seconds)) if epoch_seconds else None,
+        "train_images_per_second": inputs.n_train / float(np.mean(epoch_seconds)) if epoch_seconds else None,
         "replicas": strategy.num_replicas_in_sync,
-        "class_weight": weights,
+        "class_weight": inputs.weights,
         "checkpoint_key": key,
         "params": ft.model_dump(),
         **trainable,
         **runtime_info(),
     }
+
+
+def _end_live(live: Live, info: dict[str, Any]) -> None:
     live.summary["restored_best"] = {"val_accuracy": info["best_val_accuracy"], "val_loss": info["best_val_loss"],
                                      "best_epoch": info["best_epoch"]}
     live.summary["seconds_per_epoch"] = info["seconds_per_epoch"]
     live.end()
-    _write_outputs(scratch or layout.finetune_dir, model, info, history)
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    ft = params.finetune
+    require_trained_weights(params.features)
+    checkpoints_of_each_key = [folder / "*" for folder in layout.checkpoint_dir.glob("*") if folder.is_dir()]
+    remove_stale_temps(layout.finetune_dir, layout.image_cache_dir / "*", *checkpoints_of_each_key)
+    inputs = _read_inputs(params, layout)
+
+    strategy = choose_strategy(ft.distribution if ft.enabled else "none")
+    chief = is_chief(strategy)
+    seed_everything(ft.seed, ft.deterministic)
+    with mixed_precision(ft.mixed_precision and ft.enabled), strategy.scope():
+        model, backbone = assemble(params, layout)
+        _check_backbone(inputs.features_info, backbone)
+        trainable, blocks = configure_trainable(model, backbone, ft)
+        release = compile_for_finetuning(model, blocks, ft, math.ceil(inputs.n_train / ft.batch_size))
+
+    images = cached_images([str(layout.root / p) for p in inputs.rows["path"]], list(inputs.rows["sha256"]),
+                           backbone.image_size, backbone.spec.interpolation, layout.image_cache_dir)
+    data = EpochData(images, inputs.labels, inputs.n_train, len(inputs.classes), ft)
+    scratch = None if chief else Path(tempfile.mkdtemp(prefix="headstart-worker-"))
+    key = checkpoint_key(params, layout, backbone.weights_id)
+    folder = (scratch or layout.checkpoint_dir) / key
+    state = _load_state(folder, ft)
+    resumed_from = state["epochs_done"] if state else 0
+
+    def before_epoch(epoch: int) -> None:
+        reseed(model, ft.seed * 1000 + epoch)
+        data.start_epoch(epoch)
+        release(epoch)
+
+    checkpoints = EpochCheckpoints(folder, state or {}, before_epoch, stopper=None)
+    checkpoints.set_model(model)
+    _start(checkpoints, model, data, state, folder, ft)
+    state = checkpoints.state
+    _check_baseline(state["history"][0], inputs)
+
+    live = Live(str(live_dir(layout, "finetune") if chief else scratch / "live"), dvcyaml=None, save_dvc_exp=False)
+    _log_live(live, state["history"])
+    if ft.enabled:
+        _fit(model, data, ft, checkpoints, live, inputs.weights)
+        model.load_weights(folder / state["best"])
+
+    info = _info(ft, inputs, backbone, state, resumed_from, strategy, key, trainable)
+    _end_live(live, info)
+    _write_outputs(scratch or layout.finetune_dir, model, info, state["history"])
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("finetune: best epoch %d, val accuracy %.4f (head %.4f)", info["best_epoch"], info["best_val_accuracy"],

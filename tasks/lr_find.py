@@ -21,16 +21,16 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
-from tasks.datasets import cached_images
-from tasks.figures import save_figure
-from tasks.files import atomic_write_json, atomic_write_text
-from tasks.layout import Layout
-from tasks.manifest import read_split_manifest
-from tasks.model import require_trained_weights, seed_everything
-from tasks.params import LrFindParams, Params
-from tasks.training import EpochData, assemble, compile_for_finetuning, configure_trainable, image_rows
+from headstart.data.datasets import cached_images
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_write_json, atomic_write_text
+from headstart.layout import Layout
+from headstart.model import require_trained_weights
+from headstart.params import LrFindParams, Params
+from headstart.reporting import plot_lr_curve
+from headstart.runtime import seed_everything
+from headstart.training import EpochData, assemble, compile_for_finetuning, configure_trainable, image_rows
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +61,6 @@ def suggest(curve: pd.DataFrame) -> dict[str, float]:
             "steepest_learning_rate": steepest}
 
 
-def plot(curve: pd.DataFrame, found: dict[str, float], current: float, target: Any) -> None:
-    figure = Figure(figsize=(6, 4))
-    axis = figure.subplots()
-    axis.plot(curve["learning_rate"], curve["loss"], alpha=0.3, label="batch loss")
-    axis.plot(curve["learning_rate"], curve["smoothed_loss"], label="smoothed")
-    axis.axvline(found["suggested_learning_rate"], color="green", linestyle="--",
-                 label=f"suggested {found['suggested_learning_rate']:.2g}")
-    axis.axvline(current, color="grey", linestyle=":", label=f"finetune.learning_rate {current:.2g}")
-    axis.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="Learning-rate range test")
-    finite = curve["smoothed_loss"][np.isfinite(curve["smoothed_loss"])]
-    axis.set_ylim(top=float(finite.min() + 2 * (finite.iloc[0] - finite.min()) + 1e-3))
-    axis.legend(fontsize=8)
-    save_figure(figure, target)
-
-
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p, ft = params.lr_find, params.finetune.model_copy(update={"schedule": "constant"})
     require_trained_weights(params.features)
@@ -100,7 +85,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.reports_dir / "lr_find.csv", curve.to_csv(index=False))
     atomic_write_json(layout.reports_dir / "lr_find.json", found)
-    plot(curve, found, params.finetune.learning_rate, layout.reports_dir / "figures" / "lr_find.png")
+    plot_lr_curve(curve, found, params.finetune.learning_rate, layout.reports_dir / "figures" / "lr_find.png")
     log.info("lr_find: suggested learning rate %.2g (lowest loss at %.2g, steepest descent at %.2g); "
              "finetune.learning_rate is %.2g", found["suggested_learning_rate"], found["min_loss_learning_rate"],
              found["steepest_learning_rate"], params.finetune.learning_rate)

@@ -18,9 +18,9 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.files import atomic_path, atomic_write_json, remove_stale_temps
-from tasks.layout import Layout
-from tasks.params import Params, SplitParams
+from headstart.files import atomic_path, atomic_write_json, remove_stale_temps
+from headstart.layout import Layout
+from headstart.params import Params, SplitParams
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 import keras
@@ -20,46 +19,20 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from sklearn.metrics import f1_score
 
-from tasks.artifacts import class_weights, live_dir, load_split, read_features_info
-from tasks.files import atomic_directory, remove_stale_temps
-from tasks.layout import Layout
-from tasks.model import build_head, require_trained_weights, runtime_info, seed_everything
-from tasks.params import Params, TrainHeadParams
+from headstart.callbacks import EpochTimer
+from headstart.data.artifacts import class_weights, live_dir, load_split, read_features_info
+from headstart.files import atomic_directory, remove_stale_temps
+from headstart.layout import Layout
+from headstart.model import build_head, require_trained_weights
+from headstart.optimizers import head_optimizer
+from headstart.params import Params, TrainHeadParams
+from headstart.runtime import runtime_info, seed_everything
 
 log = logging.getLogger(__name__)
 
 
 class TrainHeadError(ValueError):
     """Inputs the head cannot be trained on; the message names the file or key."""
-
-
-def make_optimizer(params: TrainHeadParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = params.learning_rate
-    if params.lr_schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(params.learning_rate, params.epochs * steps_per_epoch)
-    elif params.lr_schedule == "exponential":
-        learning_rate = keras.optimizers.schedules.ExponentialDecay(
-            params.learning_rate, decay_steps=steps_per_epoch, decay_rate=params.lr_decay_rate
-        )
-    if params.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=params.momentum)
-    if params.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate)
-    return keras.optimizers.Adam(learning_rate)
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Wall seconds of each epoch (training plus validation)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def _training_data(layout: Layout, params: TrainHeadParams, num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +45,18 @@ def _training_data(layout: Layout, params: TrainHeadParams, num_classes: int, di
     if not len(labels):
         raise TrainHeadError(f"{layout.features_dir / 'train.npz'} holds no training rows: check the split stage")
     return features, labels
+
+
+def _datasets(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, classes: int,
+              p: TrainHeadParams) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """Shuffled training batches (seeded, reshuffled each epoch) and validation batches, one-hot labels."""
+    eye = np.eye(classes, dtype=np.float32)
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices((x_train, eye[y_train]))
+        .shuffle(len(y_train), seed=p.seed, reshuffle_each_iteration=True)
+        .batch(p.batch_size)
+    )
+    return train_ds, tf.data.Dataset.from_tensor_slices((x_val, eye[y_val])).batch(max(p.batch_size, 256))
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
@@ -87,16 +72,10 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     weights = class_weights(p.class_weight, np.asarray(y_train), classes)
 
     seed_everything(p.seed)
-    eye = np.eye(len(classes), dtype=np.float32)
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((x_train, eye[y_train]))
-        .shuffle(len(y_train), seed=p.seed, reshuffle_each_iteration=True)
-        .batch(p.batch_size)
-    )
-    val_ds = tf.data.Dataset.from_tensor_slices((x_val, eye[y_val])).batch(max(p.batch_size, 256))
+    train_ds, val_ds = _datasets(x_train, y_train, x_val, y_val, len(classes), p)
     head = build_head(dim, len(classes), p)
     head.compile(
-        optimizer=make_optimizer(p, steps_per_epoch=int(np.ceil(len(y_train) / p.batch_size))),
+        optimizer=head_optimizer(p, steps_per_epoch=int(np.ceil(len(y_train) / p.batch_size))),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing),
         metrics=["accuracy"],
     )
@@ -139,10 +118,14 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         "features": {k: info.get(k) for k in ("backbone", "weights_id", "image_size", "preprocessing_id", "cache_id")},
         **runtime_info(),
     }
+    _write_outputs(layout, head, history.history, result)
+    return result
+
+
+def _write_outputs(layout: Layout, head: keras.Model, history: dict[str, list[float]], result: dict[str, Any]) -> None:
     with atomic_directory(layout.head_dir) as staging:
         head.save(staging / "head.keras")
-        frame = pd.DataFrame(history.history)
+        frame = pd.DataFrame(history)
         frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
         frame.to_csv(staging / "history.csv", index=False)
         (staging / "info.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-    return result

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from headstart.layout import Layout
+from headstart.params import Params
 from tasks import download, features, finetune, split, train_head
-from tasks.layout import Layout
-from tasks.params import Params
 from tests.conftest import write_class_folders
 from tests.stage_inputs import make_params
 

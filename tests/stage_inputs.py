@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from headstart.layout import Layout
+from headstart.params import Params, validate_params
 from tasks import download, features, split
-from tasks.layout import Layout
-from tasks.params import Params, validate_params
 from tests.conftest import write_class_folders
 
 IMAGE_SIZE = 32

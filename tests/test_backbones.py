@@ -11,19 +11,12 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.backbones import (
-    REGISTRY,
-    build_feature_extractor,
-    build_imagenet_classifier,
-    converted_weights,
-    cut_points,
-    describe_registry,
-    inspect_backbone,
-    load_backbone,
-    packaged_checkpoint,
-    resolve_unfreeze_index,
-)
-from tasks.files import sha256_file
+from headstart.backbones.cuts import cut_points, resolve_unfreeze_index
+from headstart.backbones.describe import describe_registry, inspect_backbone
+from headstart.backbones.loading import build_feature_extractor, build_imagenet_classifier, load_backbone
+from headstart.backbones.registry import REGISTRY, packaged_checkpoint
+from headstart.backbones.weights import converted_weights
+from headstart.files import sha256_file
 from tests.fixtures.make_reference import center_crop_pixels, fixture_path, photo_path
 
 DARKNET = Path("/usr/share/darknet/data")

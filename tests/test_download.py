@@ -21,10 +21,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from headstart.data.sources.archives import safe_extract
+from headstart.data.sources.candidates import DownloadError
+from headstart.data.sources.fetch import fetch_url, pin_file, url_cache_path
+from headstart.data.sources.folders import folder_candidates
+from headstart.data.sources.resolve import load_presets
+from headstart.layout import Layout
+from headstart.params import load_params
 from tasks import download
-from tasks.download import DownloadError, fetch_url, safe_extract
-from tasks.layout import Layout
-from tasks.params import load_params
 from tests.conftest import FASHION_DIR, REPO_ROOT
 
 
@@ -183,7 +187,7 @@ def test_flowers17_labels_by_file_index(tmp_path, fashion_arrays):
     folder.mkdir()
     for number in (1, 80, 81, 160):
         Image.fromarray(images[number]).save(folder / f"image_{number:04d}.jpg")
-    candidates, _ = download.folder_candidates(tmp_path, download.load_presets()["flowers17"])
+    candidates, _ = folder_candidates(tmp_path, load_presets()["flowers17"])
     assert {c.name: c.label for c in candidates} == {
         "image_0001.jpg": "daffodil", "image_0080.jpg": "daffodil", "image_0081.jpg": "snowdrop", "image_0160.jpg": "snowdrop"}
 
@@ -193,7 +197,7 @@ def test_cats_vs_dogs_labels_from_file_names(tmp_path, photos):
         shutil.copy(photos["dog"], tmp_path / name)
     (tmp_path / "PetImages" / "Cat").mkdir(parents=True)
     shutil.copy(photos["dog"], tmp_path / "PetImages" / "Cat" / "3.jpg")
-    candidates, _ = download.folder_candidates(tmp_path, download.load_presets()["cats_vs_dogs"])
+    candidates, _ = folder_candidates(tmp_path, load_presets()["cats_vs_dogs"])
     assert sorted((c.name, c.label) for c in candidates) == [("3.jpg", "cat"), ("cat.1.jpg", "cat"), ("dog.7.jpg", "dog")]
 
 
@@ -433,8 +437,8 @@ def test_pin_mismatch_names_the_pin_file_and_clearing_it_recovers(tmp_path, smal
     url = f"{base}/data.tar.gz"
     _tar_gz(small_dataset, www / "data.tar.gz")
     _, layout = _run(tmp_path, source=url, max_images_per_class=None)
-    cached = download.url_cache_path(layout.downloads_dir, url)
-    pin = download.pin_file(cached)
+    cached = url_cache_path(layout.downloads_dir, url)
+    pin = pin_file(cached)
     cached.unlink()  # the cache was cleared, and the file behind the URL changed since
     shutil.rmtree(small_dataset / "pullover")
     _tar_gz(small_dataset, www / "data.tar.gz")
@@ -546,8 +550,8 @@ def test_outputs_follow_the_umask(tmp_path, small_dataset):
 
 
 def _killed_inside(writer: str, target: Path) -> None:
-    """Run `with tasks.files.<writer>(target)` in a process that is killed inside the block."""
-    script = (f"import os, sys\nfrom tasks.files import {writer}\nwith {writer}(sys.argv[1]) as tmp:\n"
+    """Run `with headstart.files.<writer>(target)` in a process that is killed inside the block."""
+    script = (f"import os, sys\nfrom headstart.files import {writer}\nwith {writer}(sys.argv[1]) as tmp:\n"
               "    os._exit(9)\n")
     result = subprocess.run([sys.executable, "-c", script, str(target)], cwd=REPO_ROOT, check=False)
     assert result.returncode == 9

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.params import STAGES
+from headstart.params import STAGES, TOOLS
 from tests.conftest import REPO_ROOT
 
-PACKAGES = ("tasks",)
+PACKAGES = ("tasks", "headstart")
 
 
 def project_imports(module: Path, module_level_only: bool = False) -> set[Path]:
@@ -58,6 +58,23 @@ def test_each_stage_depends_on_every_module_it_imports(stage: str) -> None:
 
 
 def test_the_import_reader_follows_imports_transitively() -> None:
-    found = {p.name for p in project_imports(REPO_ROOT / "tasks" / "finetune.py")}
-    assert {"finetune.py", "training.py", "backbones.py", "torch_checkpoint.py", "params.py"} <= found
-    assert "evaluate.py" not in found  # no stage imports another stage
+    found = {p.relative_to(REPO_ROOT).as_posix() for p in project_imports(REPO_ROOT / "tasks" / "finetune.py")}
+    assert {"tasks/finetune.py", "headstart/training.py", "headstart/backbones/torch_checkpoint.py",
+            "headstart/params.py"} <= found
+    assert "tasks/evaluate.py" not in found  # no stage imports another stage
+
+
+@pytest.mark.parametrize("stage", STAGES + TOOLS)
+def test_no_stage_imports_another_stage(stage: str) -> None:
+    found = project_imports(REPO_ROOT / "tasks" / f"{stage}.py")
+    others = sorted(p.name for p in found if p.parent.name == "tasks" and p.stem != stage)
+    assert not others, f"tasks/{stage}.py imports {others}: shared code belongs in headstart/"
+
+
+def test_package_init_files_hold_only_a_docstring() -> None:
+    """Importing headstart.x.y runs headstart/__init__.py and headstart/x/__init__.py; with no code in them,
+    a stage's code deps are exactly the modules it imports (the package files need not be listed)."""
+    for init in sorted((REPO_ROOT / "headstart").rglob("__init__.py")):
+        body = ast.parse(init.read_text()).body
+        code = [node for node in body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+        assert not code, f"{init.relative_to(REPO_ROOT)} holds code; move it into a module"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from flows.stages import hash_path
-from tasks.params import STAGES
+from headstart.params import STAGES
 from tests.conftest import REPO_ROOT, write_class_folders
 from tests.test_flows import TINY
 
@@ -50,12 +50,12 @@ def _ran(output: str) -> list[str]:
 
 @pytest.fixture
 def repo(tmp_path: Path, fashion_arrays) -> Path:
-    """A git repo with the project's DVC files and tasks/ (imported from there via PYTHONPATH)."""
+    """A git repo with the project's DVC files, tasks/ and headstart/ (imported from there via PYTHONPATH)."""
     pictures, labels = fashion_arrays
     images = write_class_folders(tmp_path / "images", pictures[labels < 3], labels[labels < 3], per_class=12)
     repo = tmp_path / "repo"
-    tracked = subprocess.run(["git", "ls-files", "tasks", *PROJECT_FILES], cwd=REPO_ROOT, capture_output=True,
-                             text=True, check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "tasks", "headstart", *PROJECT_FILES], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, repo / name)
@@ -106,3 +106,18 @@ def test_whole_pipeline_from_scratch_remote_round_trip_then_only_what_changed(re
 
     _set_params(repo, {"train_head.learning_rate": 0.01})
     assert _ran(_run(repo, "dvc", "repro")) == list(STAGES[STAGES.index("train_head"):])
+
+
+def test_a_stage_reruns_when_a_library_module_it_imports_changes(repo: Path) -> None:
+    """The code deps dvc.yaml derives from the imports (tests/test_dvc_deps.py) make a library edit count."""
+    assert _ran(_run(repo, "dvc", "repro", "download")) == ["download"]
+    with open(repo / "headstart" / "serving.py", "a") as module:  # not imported by download
+        module.write("\n# an edit the download stage does not import\n")
+    assert "changed deps" not in _run(repo, "dvc", "status", "download")
+
+    imported = "headstart/data/sources/folders.py"  # download -> sources.resolve -> sources.folders
+    with open(repo / imported, "a") as module:
+        module.write("\n# an edit the download stage imports\n")
+    status = _run(repo, "dvc", "status", "download")
+    assert "changed deps" in status and imported in status, status
+    assert _ran(_run(repo, "dvc", "repro", "download")) == ["download"]

@@ -14,12 +14,13 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 from keras import layers
 
+from headstart.data.datasets import image_dataset
+from headstart.data.images import load_rgb
+from headstart.layout import Layout
+from headstart.model import all_layers
+from headstart.params import ParamsError, validate_params
+from headstart.serving import load_predictor
 from tasks import export
-from tasks.datasets import image_dataset
-from tasks.images import load_rgb
-from tasks.layout import Layout
-from tasks.model import all_layers
-from tasks.params import ParamsError, validate_params
 from tests.model_fixture import trained_params
 
 
@@ -94,7 +95,7 @@ def test_model_card_describes_the_model(exported_tree):
         json.loads((exported_tree.reports_dir / "export_parity.json").read_text())["tflite_int8"]["agreement"])
     assert card["params"]["export"]["min_float_agreement"] == 0.99
     assert len(card["data"]["split_manifest_sha256"]) == 64 and len(card["source_model_sha256"]) == 64
-    assert {"tasks/export.py", "tasks/predict.py", "tasks/datasets.py"} <= set(card["code"])
+    assert {"tasks/export.py", "headstart/serving.py", "headstart/data/datasets.py"} <= set(card["code"])
     assert card["versions"]["tensorflow"] == tf.__version__
     for fmt, entry in card["files"].items():
         assert (exported_tree.export_dir / entry["path"]).exists(), fmt
@@ -111,7 +112,7 @@ def test_disagreeing_float_format_fails_with_a_clear_message(exported_tree, tmp_
     test = pd.read_csv(exported_tree.split_manifest).query("split == 'test'")
     images = [load_rgb(exported_tree.root / p) for p in test["path"]]
     labels = test["label"].map(classes.index).to_numpy()
-    reference = export._predict_all(export.load_predictor(exported_tree.export_dir / "model.keras"), images)
+    reference = export._predict_all(load_predictor(exported_tree.export_dir / "model.keras"), images)
     parity = export.parity_check(reference, {"tflite_float32": impostor}, images, labels)
     assert parity["tflite_float32"]["agreement"] == pytest.approx(parity_json["tflite_int8"]["agreement"])
     expected = r"tflite_float32 top-1 agreement 0\.\d+ < export\.min_float_agreement=0\.99"
@@ -139,8 +140,8 @@ def test_subset_of_formats(trained_tree, tmp_path):
 
 def test_flip_tta_is_evaluated_exported_and_exact(trained_tree, tmp_path):
     """evaluate.tta_flip: evaluate reports both numbers, export serves the averaged model, parity holds."""
+    from headstart.model import with_flip_tta
     from tasks import evaluate
-    from tasks.model import with_flip_tta
 
     target = tmp_path / "tta"
     shutil.copytree(trained_tree.root, target, ignore=shutil.ignore_patterns("cache", "backbone", "export"))

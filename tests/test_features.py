@@ -21,12 +21,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from headstart.backbones.loading import build_feature_extractor, load_backbone
+from headstart.data.datasets import image_dataset
+from headstart.data.feature_cache import read_shard
+from headstart.data.manifest import SPLITS, ManifestError
+from headstart.files import STALE_TEMP_S
+from headstart.layout import Layout
+from headstart.params import load_params
 from tasks import cli, features
-from tasks.backbones import build_feature_extractor, load_backbone
-from tasks.datasets import image_dataset
-from tasks.layout import Layout
-from tasks.manifest import ManifestError
-from tasks.params import load_params
 from tests.conftest import FASHION_CLASSES
 
 pytestmark = pytest.mark.slow
@@ -101,7 +103,7 @@ def _differ(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _shard_keys(layout: Layout) -> dict[Path, list[str]]:
-    return {path: features.read_shard(path)[0].tolist() for path in sorted(layout.feature_cache_dir.glob("*/*.npz"))}
+    return {path: read_shard(path)[0].tolist() for path in sorted(layout.feature_cache_dir.glob("*/*.npz"))}
 
 
 def test_outputs_line_up_with_manifest_rows(tmp_path, project):
@@ -118,7 +120,7 @@ def test_outputs_line_up_with_manifest_rows(tmp_path, project):
 
     keras.utils.set_random_seed(0)
     extractor = build_feature_extractor(load_backbone("mobilenet_v2_tv", "none", 32, layout.backbone_dir))
-    for split in features.SPLITS:
+    for split in SPLITS:
         rows = manifest[manifest["split"] == split]
         data = _load(layout, split)
         assert data["path"].tolist() == rows["path"].tolist()
@@ -162,7 +164,7 @@ def test_damaged_shards_are_dropped_and_recomputed(tmp_path, project):
     layout, add = project
     add(30)
     _run(tmp_path, layout)
-    reference = {split: _load(layout, split)["features"] for split in features.SPLITS}
+    reference = {split: _load(layout, split)["features"] for split in SPLITS}
     shards = _shard_keys(layout)
     assert len(shards) >= 2  # 30 images in shards of 8 to 16 (a shard closes on a batch boundary)
     (truncated, truncated_keys), (tampered, tampered_keys) = list(shards.items())[:2]
@@ -179,7 +181,7 @@ def test_damaged_shards_are_dropped_and_recomputed(tmp_path, project):
     assert stats["dropped_shards"] == 2
     assert stats["computed"] == len(truncated_keys) + len(tampered_keys)
     assert stats["reused"] == 30 - stats["computed"]
-    for split in features.SPLITS:
+    for split in SPLITS:
         _assert_same(_load(layout, split)["features"], reference[split])
 
 
@@ -258,7 +260,8 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     layout = Layout(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match=r"manifest.csv not found; run `headstart split` first"):
         features.run(_params(tmp_path), layout)
-    assert cli.main(["features", "--params", str(tmp_path / "absent.yaml"), "--root", str(layout.root)]) == 2
+    (tmp_path / "defaults.yaml").write_text("{}\n")  # a named --params file must exist; empty: all defaults
+    assert cli.main(["features", "--params", str(tmp_path / "defaults.yaml"), "--root", str(layout.root)]) == 2
     assert "headstart split" in capsys.readouterr().err
 
 
@@ -287,7 +290,7 @@ def test_missing_or_changed_image_is_named(tmp_path, project, fashion_arrays):
     manifest = add(5)
     changed = layout.root / manifest.loc[1, "path"]
     Image.fromarray(fashion_arrays[0][100]).save(changed)
-    with pytest.raises(features.FeaturesError, match=rf"{changed}: content changed since the split manifest"):
+    with pytest.raises(features.FeaturesError, match=rf"{changed}: content changed since download recorded it"):
         features.run(_params(tmp_path), layout)
     changed.unlink()
     with pytest.raises(FileNotFoundError, match=rf"{changed}: listed in the split manifest but missing"):
@@ -303,7 +306,7 @@ def test_index_is_rebuilt_from_shards_and_stale_temp_files_go(tmp_path, project)
     stale, fresh = namespace / ".a.npz.x1.tmp", namespace / ".b.npz.x2.tmp"
     stale.write_bytes(b"half a shard")
     fresh.write_bytes(b"a shard being written now")
-    old = time.time() - 2 * features.STALE_TEMP_S
+    old = time.time() - 2 * STALE_TEMP_S
     os.utime(stale, (old, old))
 
     stats = _run(tmp_path, layout)

@@ -12,14 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from headstart.backbones.loading import load_backbone
+from headstart.data.artifacts import ArtifactError
+from headstart.data.datasets import cached_images, image_dataset
+from headstart.layout import Layout
+from headstart.model import RandomWeightsError, all_layers, build_augmentation
+from headstart.params import AugmentationParams
+from headstart.training import EpochData
 from tasks import finetune, train_head
-from tasks.artifacts import ArtifactError
-from tasks.backbones import load_backbone
-from tasks.datasets import cached_images, image_dataset
-from tasks.finetune import EpochData, FinetuneError
-from tasks.layout import Layout
-from tasks.model import RandomWeightsError, all_layers, build_augmentation
-from tasks.params import AugmentationParams
+from tasks.finetune import FinetuneError
 from tests.conftest import REPO_ROOT
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
 
@@ -167,7 +168,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from tasks import finetune
-from tasks.layout import Layout
+from headstart.layout import Layout
 from tests.stage_inputs import make_params
 root = Path(sys.argv[1])
 info = finetune.run(make_params(root, finetune={"distribution": "mirrored"}), Layout(root))
@@ -234,8 +235,8 @@ def test_bad_inputs_are_named(layout: Layout, tmp_path: Path) -> None:
 
 
 def test_lr_find_writes_a_curve_and_a_suggestion_without_touching_models(layout: Layout) -> None:
+    from headstart.files import sha256_file
     from tasks import lr_find
-    from tasks.files import sha256_file
 
     head_before = sha256_file(layout.head_dir / "head.keras")
     found = lr_find.run(make_params(layout.root, lr_find={"steps": 30, "start_lr": 1e-6, "end_lr": 10.0}), layout)

@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from tasks.params import Params, ParamsError, load_params
+from headstart.params import Params, ParamsError, load_params
+from tests.conftest import REPO_ROOT
 
 
 def test_params_yaml_matches_the_defaults(tmp_path):
@@ -52,7 +53,7 @@ def test_overrides_nested_and_dotted(tmp_path):
 def test_cli_reports_a_bad_param_and_exits_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tasks.cli", "split", "--root", str(tmp_path), "--set", "split.test=2"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert result.returncode == 2
     assert "key 'split.test' has value 2" in result.stderr
@@ -61,7 +62,7 @@ def test_cli_reports_a_bad_param_and_exits_2(tmp_path):
 def test_cli_reports_a_bad_source_without_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tasks.cli", "download", "--root", str(tmp_path), "--set", "download.source=/no/such/folder"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "download.source '/no/such/folder': no such preset, folder or file" in result.stderr

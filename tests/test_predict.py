@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import cli, predict
-from tasks.datasets import image_dataset
-from tasks.images import load_rgb
+from headstart import predict
+from headstart.data.datasets import image_dataset
+from headstart.data.images import load_rgb
+from headstart.serving import load_predictor
+from tasks import cli
 from tests.conftest import REPO_ROOT
 
 MODELS = {
@@ -51,7 +53,7 @@ def photo_dir(tmp_path_factory, photos) -> Path:
 
 def _run(model: Path, inputs: list[str], fmt: str = "jsonl", k: int = 4, **limits) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    failures = predict.predict_inputs(predict.load_predictor(model), inputs, k, fmt, out, err, **limits)
+    failures = predict.predict_inputs(load_predictor(model), inputs, k, fmt, out, err, **limits)
     return failures, out.getvalue(), err.getvalue()
 
 
@@ -113,8 +115,10 @@ def test_bad_files_get_one_line_each_and_the_rest_are_predicted(exported_tree, p
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
 
 
-def test_folder_input_skips_hidden_and_non_image_names_and_exits_zero(exported_tree, photo_dir, tmp_path, capsys):
-    folder = tmp_path / "inbox"
+def test_folder_input_skips_hidden_and_non_image_names_and_exits_zero(exported_tree, photo_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short relative names: the table folds a long path across lines
+    folder = Path("inbox")
     (folder / "nested").mkdir(parents=True)
     (folder / "a.jpg").write_bytes((photo_dir / "eagle.jpg").read_bytes())
     (folder / "nested" / "b.png").write_bytes((photo_dir / "eagle_gray.png").read_bytes())
@@ -259,7 +263,7 @@ def test_missing_labels_file_is_explained(exported_tree, tmp_path):
     lone = tmp_path / "model_float16.tflite"
     lone.write_bytes((exported_tree.export_dir / "model_float16.tflite").read_bytes())
     with pytest.raises(FileNotFoundError, match="no labels.txt found beside"):
-        predict.load_predictor(lone)
+        load_predictor(lone)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +280,7 @@ def _decode_in_fresh_process(path: Path, target_size: int | None) -> tuple[tuple
 
     VmHWM, not getrusage: Linux carries ru_maxrss over exec from the forked copy of this process.
     """
-    code = ("import re, sys; from pathlib import Path; from tasks.images import load_rgb; "
+    code = ("import re, sys; from pathlib import Path; from headstart.data.images import load_rgb; "
             "image = load_rgb(sys.argv[1], target_size=int(sys.argv[2]) or None); "
             r"peak = re.search(r'VmHWM:\s+(\d+) kB', Path('/proc/self/status').read_text()).group(1); "
             "print(*image.shape[:2], peak)")
@@ -298,7 +302,7 @@ def test_decoding_toward_the_model_size_bounds_memory(large_photo):
 def test_large_photos_are_predicted_as_the_training_pipeline_sees_them(exported_tree, large_photo):
     """predict decodes toward the model's input size, exactly as training and evaluate do."""
     model = exported_tree.export_dir / "model.keras"
-    predictor = predict.load_predictor(model)
+    predictor = load_predictor(model)
     info = json.loads((exported_tree.finetune_dir / "info.json").read_text())
     assert predictor.image_size == info["image_size"]
     source, = predict.expand_inputs([str(large_photo)], 10**6, 1.0, predictor.image_size)

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from headstart.layout import Layout
+from headstart.params import ParamsError, SplitParams, load_params
 from tasks import cli, download, split
-from tasks.layout import Layout
-from tasks.params import ParamsError, SplitParams, load_params
 from tests.conftest import write_class_folders
 
 

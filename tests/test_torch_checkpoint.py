@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.backbones import REGISTRY, packaged_checkpoint
-from tasks.torch_checkpoint import (
+from headstart.backbones.registry import REGISTRY, packaged_checkpoint
+from headstart.backbones.torch_checkpoint import (
     MAGIC_NUMBER,
     PROTOCOL_VERSION,
     CheckpointError,

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from headstart.data.artifacts import ArtifactError, class_weights
+from headstart.layout import Layout
+from headstart.model import RandomWeightsError
 from tasks import features, train_head
-from tasks.artifacts import ArtifactError, class_weights
-from tasks.layout import Layout
-from tasks.model import RandomWeightsError
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
 
 
@@ -137,7 +137,7 @@ def test_random_backbone_weights_are_refused(layout: Layout) -> None:
 
 
 def test_missing_or_mismatched_features_name_the_file(tmp_path: Path, layout: Layout) -> None:
-    with pytest.raises(FileNotFoundError, match=r"info.json not found: run the features stage"):
+    with pytest.raises(FileNotFoundError, match=r"info.json not found: run `headstart features` first"):
         train_head.run(make_params(tmp_path), Layout(tmp_path))
     info_path = layout.features_dir / "info.json"
     info = json.loads(info_path.read_text())

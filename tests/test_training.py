@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.params import FinetuneParams
-from tasks.training import block_scales, learning_rate_schedule, make_optimizer
+from headstart.optimizers import block_scales, learning_rate_schedule, make_optimizer
+from headstart.params import FinetuneParams
 
 
 def _two_layer_model() -> keras.Model:

@@ -1,6 +1,6 @@
 """The streaming image pipeline shared by features, fine-tuning and evaluation.
 
-Decoding goes through `tasks.images.load_rgb` (Pillow: EXIF-upright RGB) and resizing through the
+Decoding goes through `headstart.data.images.load_rgb` (Pillow: EXIF-upright RGB) and resizing through the
 same Keras `Resizing` layer the exported model carries, so training, evaluation and serving see
 identical pixels.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from tasks.files import atomic_path
-from tasks.images import DECODE_ID, load_rgb
+from headstart.data.images import DECODE_ID, load_rgb
+from headstart.files import atomic_path
 
 CACHE_BATCH = 64
 

@@ -7,8 +7,6 @@ assembled model). Every layer is a built-in Keras layer, so saved `.keras` files
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from tasks.params import AugmentationParams, FeaturesParams, TrainHeadParams
+from headstart.params import AugmentationParams, FeaturesParams, TrainHeadParams
 
 
 class RandomWeightsError(ValueError):
@@ -143,23 +141,3 @@ def reseed(model: keras.Model, seed: int) -> None:
     states = [v for v in model.variables if id(v) not in weights]
     for i, state in enumerate(states):
         state.assign(tf.constant([seed + i, 0], dtype=state.dtype))
-
-
-def describe_device() -> str:
-    """The accelerator(s) TF sees, or the CPU, for the record in each stage's info.json."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        names = {tf.config.experimental.get_device_details(gpu).get("device_name", "GPU") for gpu in gpus}
-        return f"{len(gpus)} x GPU ({', '.join(sorted(names))})"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and TF; with `deterministic`, also make TF ops reproducible (slower on GPU)."""
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-
-def runtime_info() -> dict[str, str]:
-    return {"tf_version": tf.__version__, "keras_version": keras.__version__, "device": describe_device()}

@@ -29,7 +29,7 @@ class _Section(BaseModel):
 class DownloadParams(_Section):
     source: str = Field(
         "fashion_mnist",
-        description="Preset name (see tasks/presets.yaml), a local folder of class sub-folders, "
+        description="Preset name (see headstart/data/presets.yaml), a local folder of class sub-folders, "
         "an archive path (.tar.gz/.tgz/.zip), an http(s) archive URL, or an IDX folder.",
     )
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Expected sha256 of a URL/archive source.")

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from tasks.layout import Layout
+from headstart.layout import Layout
 
 
 class ArtifactError(ValueError):

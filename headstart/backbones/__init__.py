@@ -1,0 +1,1 @@
+"""The backbone zoo: registry, preprocessing, replicas, torch weights and fine-tuning cut points."""

@@ -1,0 +1,90 @@
+"""Keras callbacks: resumable per-epoch checkpoints for fine-tuning, and epoch timing for the head."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from headstart.files import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]  # per epoch
+
+
+class EpochCheckpoints(keras.callbacks.Callback):
+    """What ModelCheckpoint and BackupAndRestore lack, for a resumable run that can keep the head only.
+
+    Both Keras callbacks write their files in place, so a kill mid-write leaves a torn checkpoint,
+    and neither knows the baseline (the head-only model, epoch 0). Here each epoch's weights (with
+    the optimizer state) are written atomically, then `state.json` names them: a killed run resumes
+    from the last complete epoch. `best` only moves when val loss beats every earlier epoch, the
+    baseline included. The callback also prepares each epoch (`before_epoch`) so that data order,
+    augmentation and dropout are pure functions of the epoch, and restores EarlyStopping's count.
+    """
+
+    def __init__(self, folder: Path, state: dict[str, Any], before_epoch: Callable[[int], None],
+                 stopper: keras.callbacks.EarlyStopping | None) -> None:
+        super().__init__()
+        self.folder, self.state, self.before_epoch, self.stopper = folder, state, before_epoch, stopper
+
+    @staticmethod
+    def load(folder: Path) -> dict[str, Any] | None:
+        path = folder / "state.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save(self, improved: bool) -> None:
+        epoch = self.state["epochs_done"]
+        self.state["last"] = f"epoch-{epoch}.weights.h5"
+        with atomic_path(self.folder / self.state["last"], suffix=".weights.h5") as tmp:
+            self.model.save_weights(tmp)
+        if improved:
+            self.state["best"] = f"best-{epoch}.weights.h5"
+            with atomic_path(self.folder / self.state["best"], suffix=".weights.h5") as tmp:
+                tmp.write_bytes((self.folder / self.state["last"]).read_bytes())
+        atomic_write_json(self.folder / "state.json", self.state)
+        for old in self.folder.glob("*.weights.h5"):
+            if old.name not in (self.state["last"], self.state["best"]):
+                old.unlink()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.stopper is not None:  # placed after EarlyStopping, whose on_train_begin resets its count
+            self.stopper.best, self.stopper.wait = self.state["best_val_loss"], self.state["wait"]
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.before_epoch(epoch)
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        entry = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items() if k != "learning_rate"},
+                 "seconds": time.perf_counter() - self.started}
+        improved = entry["val_loss"] < self.state["best_val_loss"]
+        self.state["history"].append(entry)
+        self.state["epochs_done"] = epoch + 1
+        self.state["wait"] = 0 if improved else self.state["wait"] + 1
+        if improved:
+            self.state["best_val_loss"], self.state["best_epoch"] = entry["val_loss"], epoch + 1
+        self.save(improved)
+        log.info("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f (%.1f s)", epoch + 1, entry["loss"],
+                 entry["accuracy"], entry["val_loss"], entry["val_accuracy"], entry["seconds"])
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch (training plus validation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(time.perf_counter() - self._start)

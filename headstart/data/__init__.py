@@ -1,0 +1,1 @@
+"""Image data: decoding, tf.data pipelines, the manifest, artifact readers and caches; download sources."""

@@ -1,0 +1,1 @@
+"""Where the download stage's images come from: presets, URLs, archives, IDX files and class folders."""

@@ -1,0 +1,147 @@
+"""Fetching a URL into the download cache: retries with backoff (urllib3's `Retry` on a requests session),
+resume of a partial file, sha256 checks and trust-on-first-use pins."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+import urllib3
+from filelock import FileLock
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
+
+from headstart.data.sources.candidates import DownloadError
+from headstart.files import atomic_write_text, sha256_bytes, sha256_file
+from headstart.progress import download_progress
+
+log = logging.getLogger(__name__)
+
+URL_SCHEMES = ("http", "https")
+_CUT_SHORT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+              urllib3.exceptions.HTTPError)
+
+
+def disallowed_scheme(url: str) -> str | None:
+    """The URL's scheme unless it is http(s): `file://` and others would reach what a URL source should not."""
+    scheme = urlparse(url).scheme.lower()
+    return None if scheme in URL_SCHEMES else scheme
+
+
+def url_cache_path(downloads_dir: Path, url: str) -> Path:
+    """Where a URL's download is kept: keyed on the whole URL (query included), named for people."""
+    name = Path(urlparse(url).path).name[:100] or "download"
+    return downloads_dir / f"{sha256_bytes(url.encode())[:16]}-{name}"
+
+
+def pin_file(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def pin_first_use(dest: Path) -> None:
+    """Trust on first use: record the digest of a download that has proved to be a usable archive."""
+    if not pin_file(dest).exists():
+        digest = sha256_file(dest)
+        atomic_write_text(pin_file(dest), digest + "\n")
+        log.warning("%s has no pinned sha256; recorded %s in %s", dest, digest, pin_file(dest))
+
+
+def fetch_url(url: str, dest: Path, sha256: str | None, timeout_s: float = 60.0, retries: int = 4) -> Path:
+    """Stream `url` to `dest`, resuming a partial `.part` file, retrying with backoff, checking sha256.
+
+    When `sha256` is None and `pin_first_use` pinned an earlier download, the new one must match that
+    pin. A lock beside `dest` makes concurrent fetches of one URL wait for each other instead of
+    writing the same `.part` file.
+    """
+    if disallowed_scheme(url) is not None:
+        raise DownloadError(f"{url}: only http and https URLs are supported")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest.with_name(dest.name + ".lock")):
+        pinned = sha256 is None and pin_file(dest).exists()
+        expected = pin_file(dest).read_text().strip() if pinned else sha256
+        if not (dest.exists() and (expected is None or sha256_file(dest) == expected)):
+            _fetch_verified(url, dest, expected, pinned, timeout_s, retries)
+    return dest
+
+
+def _session(retries: int) -> requests.Session:
+    """Connection failures and 5xx answers are retried by urllib3, backing off 0, 1, 2, 4 ... 30 s."""
+    retry = Retry(total=retries, backoff_factor=0.5, backoff_max=30, status_forcelist=range(500, 600),
+                  raise_on_status=False)
+    session = requests.Session()
+    for scheme in URL_SCHEMES:
+        session.mount(f"{scheme}://", HTTPAdapter(max_retries=retry))
+    return session
+
+
+def _failed(url: str, part: Path, attempts: int, reason: object) -> DownloadError:
+    return DownloadError(
+        f"{url}: download failed after {attempts} attempts ({reason}). The partial file "
+        f"{part} is kept and the next run resumes from it."
+    )
+
+
+def _fetch_verified(
+    url: str, dest: Path, expected: str | None, pinned: bool, timeout_s: float, retries: int
+) -> None:
+    part = dest.with_name(dest.name + ".part")
+    with _session(retries) as session:
+        # Retry covers a request that fails before its body; a body cut short is resumed here with a
+        # Range request from the bytes already in `part`, which Retry cannot do
+        for attempt in range(retries + 1):
+            try:
+                _stream_to(session, url, part, timeout_s, retries)
+                break
+            except _CUT_SHORT as exc:
+                if attempt == retries:
+                    raise _failed(url, part, retries + 1, exc) from None
+                log.warning("download of %s interrupted (%s); resuming", url, exc)
+    actual = sha256_file(part)
+    if expected is not None and actual != expected:
+        part.unlink()
+        advice = (
+            f"{pin_file(dest)} pinned the first download of this URL; if the file there changed on purpose, "
+            f"delete {pin_file(dest)} (or set download.sha256) and rerun." if pinned
+            else "Check the URL and the expected checksum (download.sha256 or the preset)."
+        )
+        raise DownloadError(
+            f"{url}: sha256 mismatch: expected {expected}, got {actual}. The download was deleted. {advice}"
+        )
+    part.replace(dest)
+
+
+def _get(session: requests.Session, url: str, part: Path, offset: int, timeout_s: float,
+         retries: int) -> requests.Response:
+    """The response once urllib3 has retried what failed before the body began."""
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        return session.get(url, headers=headers, stream=True, timeout=timeout_s)
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
+        raise _failed(url, part, retries + 1, exc) from None
+
+
+def _stream_to(session: requests.Session, url: str, part: Path, timeout_s: float, retries: int) -> None:
+    offset = part.stat().st_size if part.exists() else 0
+    with _get(session, url, part, offset, timeout_s, retries) as response:
+        if response.status_code == 416:  # already complete
+            return
+        if response.status_code >= 500:
+            raise _failed(url, part, retries + 1, f"HTTP {response.status_code}")
+        if response.status_code >= 400:
+            raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
+        if response.status_code != 206:
+            offset = 0  # server ignored the range: start over
+        total = response.headers.get("Content-Length")
+        total_bytes = int(total) + offset if total is not None else None
+        with open(part, "ab" if offset else "wb") as handle, download_progress() as bar:
+            task = bar.add_task(f"download {Path(urlparse(url).path).name}", total=total_bytes, completed=offset)
+            # read1 returns whatever has arrived, so a dropped connection loses none of it
+            while chunk := response.raw.read1(1 << 16):
+                handle.write(chunk)
+                bar.advance(task, len(chunk))
+        if total_bytes is not None and part.stat().st_size < total_bytes:
+            raise requests.exceptions.ChunkedEncodingError(
+                f"connection closed at {part.stat().st_size} of {total_bytes} bytes"
+            )
