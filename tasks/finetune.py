@@ -1,9 +1,9 @@
 """finetune stage: train the backbone together with the trained head, on images.
 
 The model is the head-trained classifier (warm start): preprocessing -> base -> pooling -> head.
-The layers from the cut point up train (by default all of them, BatchNorm statistics included),
-recompiled with AdamW under a one-cycle schedule and label smoothing: the recipe measured best in
-docs/benchmarks.md. Images are decoded and resized once into a uint8 cache; epochs stream batches
+The layers from the cut point up train (by default the top 14 blocks, BatchNorm statistics
+included), recompiled with AdamW under a one-cycle schedule and label smoothing: the recipe
+measured in docs/benchmarks.md. Images are decoded and resized once into a uint8 cache; epochs stream batches
 from it through `model.fit`. Each epoch is checkpointed (weights + optimizer state) under a key of
 every input, so a killed run resumes where it stopped and reaches the same weights as an
 uninterrupted one. The model before the first epoch is the baseline: if no epoch beats its
