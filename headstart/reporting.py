@@ -114,7 +114,8 @@ def plot_lr_curve(curve: pd.DataFrame, found: dict[str, float], current: float, 
     axis.axvline(current, color="grey", linestyle=":", label=f"finetune.learning_rate {current:.2g}")
     axis.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="Learning-rate range test")
     finite = curve["smoothed_loss"][np.isfinite(curve["smoothed_loss"])]
-    axis.set_ylim(top=float(finite.min() + 2 * (finite.iloc[0] - finite.min()) + 1e-3))
+    batch = curve["loss"][np.isfinite(curve["loss"])]
+    axis.set_ylim(bottom=0.9 * float(batch.min()), top=float(finite.min() + 2 * (finite.iloc[0] - finite.min()) + 1e-3))
     axis.legend(fontsize=8)
     save_figure(figure, target)
 

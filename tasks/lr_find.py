@@ -55,8 +55,10 @@ def suggest(curve: pd.DataFrame) -> dict[str, float]:
     """lr at the lowest smoothed loss / 10 (the suggestion), and the lr of the steepest descent."""
     finite = curve[np.isfinite(curve["smoothed_loss"])]
     lowest = float(finite.loc[finite["smoothed_loss"].idxmin(), "learning_rate"])
-    slopes = np.gradient(finite["smoothed_loss"].to_numpy(), np.log10(finite["learning_rate"].to_numpy()))
-    steepest = float(finite["learning_rate"].iloc[int(np.argmin(slopes))])
+    # the first tenth is the average warming up on batch noise (the rate is too small to move anything)
+    settled = finite.iloc[len(finite) // 10 :]
+    slopes = np.gradient(settled["smoothed_loss"].to_numpy(), np.log10(settled["learning_rate"].to_numpy()))
+    steepest = float(settled["learning_rate"].iloc[int(np.argmin(slopes))])
     return {"suggested_learning_rate": lowest / 10, "min_loss_learning_rate": lowest,
             "steepest_learning_rate": steepest}
 
