@@ -18,7 +18,15 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
-from headstart.data.artifacts import live_dir, load_model, load_split, read_features_info, read_json
+from headstart.data.artifacts import (
+    FeaturesInfo,
+    ModelInfo,
+    live_dir,
+    load_model,
+    load_split,
+    read_features_info,
+    read_model_info,
+)
 from headstart.data.datasets import image_dataset
 from headstart.data.manifest import read_split_manifest
 from headstart.files import atomic_write_json, atomic_write_text
@@ -57,15 +65,15 @@ def _split_rows(layout: Layout, classes: list[str]) -> dict[str, pd.DataFrame]:
     return {split: frame for split, frame in rows.items() if not frame.empty}
 
 
-def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info: dict[str, Any],
+def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info: ModelInfo,
                    batch_size: int) -> np.ndarray:
     paths = [str(layout.root / path) for path in rows["path"]]
-    dataset = image_dataset(paths, None, int(info["image_size"]), batch_size, info.get("interpolation", "bilinear"))
+    dataset = image_dataset(paths, None, info.image_size, batch_size, info.interpolation)
     return model.predict(dataset, verbose=0)
 
 
 def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, confusions: pd.DataFrame,
-                 worst: pd.DataFrame, info: dict[str, Any], gate: str) -> None:
+                 worst: pd.DataFrame, info: ModelInfo, gate: str) -> None:
     summary = []
     compared = [("final", metrics), ("final without flip TTA", metrics.get("without_tta", {})),
                 ("head only", metrics["head"])]
@@ -80,7 +88,7 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
     text = [
         "# Evaluation report",
         "",
-        f"Backbone `{info.get('backbone')}` (weights `{info.get('weights_id')}`), {info.get('image_size')} px, "
+        f"Backbone `{info.backbone}` (weights `{info.weights_id}`), {info.image_size} px, "
         f"{len(report)} classes; fine-tuned: {tuned}.",
         "",
         f"Quality gate: {gate}",
@@ -113,30 +121,30 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
     atomic_write_text(target, "\n".join(text))
 
 
-def _check_classes(layout: Layout, classes: list[str], features_info: dict[str, Any]) -> None:
-    if list(features_info["classes"]) != classes:
+def _check_classes(layout: Layout, classes: list[str], features_info: FeaturesInfo) -> None:
+    if features_info.classes != classes:
         raise EvaluateError(
-            f"{layout.features_dir / 'info.json'} lists classes {features_info['classes']} but "
+            f"{layout.features_dir / 'info.json'} lists classes {features_info.classes} but "
             f"{layout.finetune_dir / 'info.json'} lists {classes}: rerun train_head and finetune"
         )
 
 
-def _score(params: Params, layout: Layout, info: dict[str, Any], features_info: dict[str, Any],
+def _score(params: Params, layout: Layout, info: ModelInfo, features_info: FeaturesInfo,
            rows: dict[str, pd.DataFrame]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics of the head (on cached features) and of the final model (on images), per evaluated split."""
     p = params.evaluate
-    classes = list(info["classes"])
+    classes = info.classes
     head = load_model(layout.head_dir / "head.keras", "train_head")
     plain = load_model(layout.finetune_dir / "model.keras", "finetune")
     model = with_flip_tta(plain) if p.tta_flip else plain  # what export will serve
-    metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": bool(info.get("fine_tuned")),
+    metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": info.fine_tuned,
                                "tta_flip": p.tta_flip, "head": {}}
     if p.tta_flip:
         metrics["without_tta"] = {}
     final_probs: dict[str, np.ndarray] = {}
     for split, frame in rows.items():
         npz = layout.features_dir / f"{split}.npz"
-        features, labels = load_split(npz, len(classes), int(features_info["feature_dim"]))
+        features, labels = load_split(npz, len(classes), features_info.feature_dim)
         with np.load(npz, allow_pickle=False) as cached:
             if set(cached["sha256"]) != set(frame["sha256"]):
                 raise EvaluateError(
@@ -182,8 +190,8 @@ def _write_test_reports(layout: Layout, p: EvaluateParams, test: pd.DataFrame, p
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.evaluate
-    info = read_json(layout.finetune_dir / "info.json", "finetune")
-    classes = list(info["classes"])
+    info = read_model_info(layout)
+    classes = info.classes
     features_info = read_features_info(layout)
     _check_classes(layout, classes, features_info)
     rows = _split_rows(layout, classes)

@@ -10,7 +10,6 @@ more than `1 - export.min_float_agreement` of the images fail the stage.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
@@ -23,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from headstart.data.artifacts import load_model, read_json
+from headstart.data.artifacts import ModelInfo, load_model, read_features_info, read_metrics, read_model_info
 from headstart.data.images import load_rgb
 from headstart.data.manifest import read_split_manifest
 from headstart.files import atomic_directory, atomic_write_json, sha256_file
@@ -141,22 +140,22 @@ def code_hashes() -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in modules}
 
 
-def model_card(params: Params, layout: Layout, info: dict[str, Any], files: dict[str, Path], parity: dict[str, Any],
+def model_card(params: Params, layout: Layout, info: ModelInfo, files: dict[str, Path], parity: dict[str, Any],
                image_size: int) -> dict[str, Any]:
-    metrics = json.loads(layout.metrics_file.read_text()) if layout.metrics_file.exists() else None
-    features_info = layout.features_dir / "info.json"
+    metrics = read_metrics(layout) if layout.metrics_file.exists() else None
+    features_info = read_features_info(layout) if (layout.features_dir / "info.json").exists() else None
     return {
-        "classes": info["classes"],
-        "backbone": info.get("backbone"),
-        "weights_id": info.get("weights_id"),
-        "fine_tuned": info.get("fine_tuned"),
+        "classes": info.classes,
+        "backbone": info.backbone,
+        "weights_id": info.weights_id,
+        "fine_tuned": info.fine_tuned,
         "tta_flip": params.evaluate.tta_flip,
         "input": {
             "name": INPUT_NAME, "dtype": "uint8", "shape": [None, None, None, 3], "color": "RGB, 0..255, upright",
-            "resized_inside_to": [image_size, image_size], "interpolation": info.get("interpolation", "bilinear"),
+            "resized_inside_to": [image_size, image_size], "interpolation": info.interpolation,
         },
         "output": {"name": OUTPUT_NAME, "dtype": "float32 (uint8 in the int8 TFLite model, scale 1/256)",
-                   "shape": [None, len(info["classes"])], "meaning": "softmax probabilities in labels.txt order"},
+                   "shape": [None, len(info.classes)], "meaning": "softmax probabilities in labels.txt order"},
         "serving_signature": SIGNATURE,
         "files": {fmt: {"path": FILES[fmt], "bytes": _size(path)} for fmt, path in files.items()},
         "params": params.model_dump(mode="json"),
@@ -164,7 +163,7 @@ def model_card(params: Params, layout: Layout, info: dict[str, Any], files: dict
         "parity": parity,
         "data": {
             "split_manifest_sha256": sha256_file(layout.split_manifest),
-            "features_cache_id": json.loads(features_info.read_text()).get("cache_id") if features_info.exists() else None,
+            "features_cache_id": features_info.cache_id if features_info else None,
         },
         "source_model_sha256": sha256_file(layout.finetune_dir / "model.keras"),
         "code": code_hashes(),
@@ -174,13 +173,13 @@ def model_card(params: Params, layout: Layout, info: dict[str, Any], files: dict
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.export
-    info = read_json(layout.finetune_dir / "info.json", "finetune")
-    classes = list(info["classes"])
-    image_size = int(info["image_size"])
+    info = read_model_info(layout)
+    classes = info.classes
+    image_size = info.image_size
     classifier = load_model(layout.finetune_dir / "model.keras", "finetune")
     # the model evaluate scored: with flip test-time augmentation when evaluate.tta_flip is on
     model = serving_model(with_flip_tta(classifier) if params.evaluate.tta_flip else classifier, image_size,
-                          info.get("interpolation", "bilinear"))
+                          info.interpolation)
     images, labels = _test_images(layout, classes, image_size)
     reference = _predict_all(Predictor(keras_runner(model), classes, "keras"), images)
 

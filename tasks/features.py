@@ -32,6 +32,7 @@ from rich.progress import Progress
 
 from headstart.backbones.loading import build_feature_extractor, load_backbone
 from headstart.backbones.registry import Backbone
+from headstart.data.artifacts import FeaturesInfo, write_info
 from headstart.data.datasets import image_dataset, resizing_layer
 from headstart.data.feature_cache import ShardCache, write_npz_streaming
 from headstart.data.images import DECODE_ID
@@ -39,7 +40,6 @@ from headstart.data.manifest import SPLITS, read_split_manifest
 from headstart.data.views import AUGMENT_ID, augment, view_key, view_seed
 from headstart.files import (
     atomic_directory,
-    atomic_write_json,
     remove_stale_temps,
     sha256_file,
 )
@@ -178,7 +178,7 @@ def _write_outputs(out: Path, manifest: pd.DataFrame, backbone: Backbone, info: 
                             sha256=np.repeat(train["sha256"].to_numpy(str), v),
                             path=np.repeat(train["path"].to_numpy(str), v),
                             view=np.tile(np.arange(v, dtype=np.int32), len(train)))
-    atomic_write_json(out / "info.json", info)
+    write_info(out / "info.json", info, FeaturesInfo)
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:

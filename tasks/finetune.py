@@ -31,7 +31,16 @@ from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
 from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints
-from headstart.data.artifacts import class_weights, live_dir, read_features_info, read_json
+from headstart.data.artifacts import (
+    FeaturesInfo,
+    HeadInfo,
+    ModelInfo,
+    class_weights,
+    live_dir,
+    read_features_info,
+    read_head_info,
+    write_info,
+)
 from headstart.data.datasets import cached_images
 from headstart.data.manifest import read_split_manifest
 from headstart.files import atomic_directory, remove_stale_temps, sha256_file
@@ -83,7 +92,7 @@ def _write_outputs(target: Path, model: keras.Model, info: dict[str, Any], histo
     with atomic_directory(target) as staging:
         keras.Model(model.inputs, model.outputs, name=model.name).save(staging / "model.keras")
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(staging / "history.csv", index=False)
-        (staging / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+        write_info(staging / "info.json", info, ModelInfo)
 
 
 def _log_live(live: Live, history: list[dict[str, Any]]) -> None:
@@ -95,11 +104,10 @@ def _log_live(live: Live, history: list[dict[str, Any]]) -> None:
         live.next_step()
 
 
-def _check_inputs(classes: list[str], head_info: dict[str, Any], features_info: dict[str, Any], layout: Layout) -> None:
-    for source, listed in (("models/head/info.json", head_info["classes"]),
-                           ("data/features/info.json", features_info["classes"])):
-        if list(listed) != classes:
-            raise FinetuneError(f"{source} lists classes {list(listed)} but {layout.split_manifest} has {classes}: "
+def _check_inputs(classes: list[str], head_info: HeadInfo, features_info: FeaturesInfo, layout: Layout) -> None:
+    for source, listed in (("models/head/info.json", head_info.classes), ("data/features/info.json", features_info.classes)):
+        if listed != classes:
+            raise FinetuneError(f"{source} lists classes {listed} but {layout.split_manifest} has {classes}: "
                                 "rerun features and train_head")
 
 
@@ -123,8 +131,8 @@ def _fit(model: keras.Model, data: EpochData, ft: FinetuneParams, checkpoints: E
 class _Inputs:
     """What fine-tuning reads from earlier stages, checked against each other."""
 
-    head_info: dict[str, Any]
-    features_info: dict[str, Any]
+    head_info: HeadInfo
+    features_info: FeaturesInfo
     classes: list[str]
     rows: pd.DataFrame
     labels: np.ndarray
@@ -133,7 +141,7 @@ class _Inputs:
 
 
 def _read_inputs(params: Params, layout: Layout) -> _Inputs:
-    head_info = read_json(layout.head_dir / "info.json", "train_head")
+    head_info = read_head_info(layout)
     features_info = read_features_info(layout)
     manifest = read_split_manifest(layout.split_manifest)
     classes = sorted(manifest["label"].unique())
@@ -143,11 +151,11 @@ def _read_inputs(params: Params, layout: Layout) -> _Inputs:
     return _Inputs(head_info, features_info, classes, rows, labels, n_train, weights)
 
 
-def _check_backbone(features_info: dict[str, Any], backbone: Any) -> None:
-    if features_info.get("weights_id") != backbone.weights_id or int(features_info["image_size"]) != backbone.image_size:
+def _check_backbone(features_info: FeaturesInfo, backbone: Any) -> None:
+    if features_info.weights_id != backbone.weights_id or features_info.image_size != backbone.image_size:
         raise FinetuneError(
-            f"data/features/info.json was computed with weights {features_info.get('weights_id')} at "
-            f"{features_info['image_size']} px, the backbone now loads {backbone.weights_id} at {backbone.image_size} px: "
+            f"data/features/info.json was computed with weights {features_info.weights_id} at "
+            f"{features_info.image_size} px, the backbone now loads {backbone.weights_id} at {backbone.image_size} px: "
             "rerun features and train_head"
         )
 
@@ -179,10 +187,10 @@ def _start(checkpoints: EpochCheckpoints, model: keras.Model, data: EpochData, s
 def _check_baseline(initial: dict[str, Any], inputs: _Inputs) -> None:
     # uint8 rounding of the cached pixels flips a few borderline images against the cached features
     tolerance = max(2.0 / (len(inputs.labels) - inputs.n_train), 0.005) + 1e-6
-    if abs(initial["val_accuracy"] - inputs.head_info["val_accuracy"]) > tolerance:
+    if abs(initial["val_accuracy"] - inputs.head_info.val_accuracy) > tolerance:
         log.warning("finetune: the assembled model's val accuracy %.4f differs from the head's %.4f on cached "
                     "features: check that features were computed with the same backbone and preprocessing",
-                    initial["val_accuracy"], inputs.head_info["val_accuracy"])
+                    initial["val_accuracy"], inputs.head_info.val_accuracy)
 
 
 def _info(ft: FinetuneParams, inputs: _Inputs, backbone: Any, state: dict[str, Any], resumed_from: int,
@@ -205,7 +213,7 @@ def _info(ft: FinetuneParams, inputs: _Inputs, backbone: Any, state: dict[str, A
         "best_val_accuracy": best["val_accuracy"],
         "best_val_loss": best["val_loss"],
         "initial_val_accuracy": initial["val_accuracy"],
-        "head_val_accuracy": inputs.head_info["val_accuracy"],
+        "head_val_accuracy": inputs.head_info.val_accuracy,
         "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
         "train_images_per_second": inputs.n_train / float(np.mean(epoch_seconds)) if epoch_seconds else None,
         "replicas": strategy.num_replicas_in_sync,

@@ -7,7 +7,6 @@ and features give the same weights on CPU.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -20,7 +19,14 @@ from dvclive.keras import DVCLiveCallback
 from sklearn.metrics import f1_score
 
 from headstart.callbacks import EpochTimer
-from headstart.data.artifacts import class_weights, live_dir, load_split, read_features_info
+from headstart.data.artifacts import (
+    HeadInfo,
+    class_weights,
+    live_dir,
+    load_split,
+    read_features_info,
+    write_info,
+)
 from headstart.files import atomic_directory, remove_stale_temps
 from headstart.layout import Layout
 from headstart.model import build_head, require_trained_weights
@@ -64,7 +70,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     require_trained_weights(params.features)
     remove_stale_temps(layout.head_dir)
     info = read_features_info(layout)
-    classes, dim = list(info["classes"]), int(info["feature_dim"])
+    classes, dim = info.classes, info.feature_dim
     x_train, y_train = _training_data(layout, p, len(classes), dim)
     x_val, y_val = load_split(layout.features_dir / "val.npz", len(classes), dim)
     if not len(y_val):
@@ -115,7 +121,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         "class_weight": weights,
         "seed": p.seed,
         "params": p.model_dump(),
-        "features": {k: info.get(k) for k in ("backbone", "weights_id", "image_size", "preprocessing_id", "cache_id")},
+        "features": info.model_dump(include={"backbone", "weights_id", "image_size", "preprocessing_id", "cache_id"}),
         **runtime_info(),
     }
     _write_outputs(layout, head, history.history, result)
@@ -128,4 +134,4 @@ def _write_outputs(layout: Layout, head: keras.Model, history: dict[str, list[fl
         frame = pd.DataFrame(history)
         frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
         frame.to_csv(staging / "history.csv", index=False)
-        (staging / "info.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        write_info(staging / "info.json", result, HeadInfo)

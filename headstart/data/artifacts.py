@@ -9,8 +9,10 @@ from typing import Any
 
 import keras
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 from sklearn.utils.class_weight import compute_class_weight
 
+from headstart.files import atomic_write_json
 from headstart.layout import Layout
 
 
@@ -36,8 +38,72 @@ def live_dir(layout: Layout, stage: str) -> Path:
     return layout.root / "live" / stage
 
 
-def read_features_info(layout: Layout) -> dict[str, Any]:
-    return read_json(layout.features_dir / "info.json", "features")
+class StageInfo(BaseModel):
+    """The fields of a stage's info.json that later stages rely on, typed; the rest is kept as written
+    (a record for people: timings, versions, params) and reachable as extra attributes."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    classes: list[str]
+
+
+class FeaturesInfo(StageInfo):
+    feature_dim: int
+    image_size: int
+    backbone: str
+    weights_id: str | None = None
+    preprocessing_id: str | None = None
+    cache_id: str | None = None
+
+
+class HeadInfo(StageInfo):
+    val_accuracy: float
+
+
+class ModelInfo(StageInfo):
+    """models/finetune/info.json: what evaluate and export need to feed the final classifier."""
+
+    image_size: int
+    backbone: str | None = None
+    weights_id: str | None = None
+    interpolation: str = "bilinear"
+    fine_tuned: bool = False
+
+
+def _read_info(path: Path, stage: str, model: type[StageInfo]) -> Any:
+    try:
+        return model.model_validate(read_json(path, stage))
+    except (ValidationError, json.JSONDecodeError) as exc:
+        problem = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(part) for part in problem["loc"]) or "the file"
+        raise ArtifactError(f"{path}: {where}: {problem['msg']}; rerun `headstart {stage}`") from None
+
+
+def write_info(path: Path, info: dict[str, Any], model: type[StageInfo]) -> None:
+    """The one writer of a stage's info.json: checked against the typed reader's model first, so a field a
+    later stage relies on can never be written missing or mistyped."""
+    model.model_validate(info)
+    atomic_write_json(path, info)
+
+
+def read_features_info(layout: Layout) -> FeaturesInfo:
+    return _read_info(layout.features_dir / "info.json", "features", FeaturesInfo)
+
+
+def read_head_info(layout: Layout) -> HeadInfo:
+    return _read_info(layout.head_dir / "info.json", "train_head", HeadInfo)
+
+
+def read_model_info(layout: Layout) -> ModelInfo:
+    return _read_info(layout.finetune_dir / "info.json", "finetune", ModelInfo)
+
+
+def read_metrics(layout: Layout) -> dict[str, Any]:
+    """metrics.json as evaluate wrote it: per split and model, flat numbers (the keys `dvc metrics` shows)."""
+    metrics = read_json(layout.metrics_file, "evaluate")
+    if not isinstance(metrics, dict) or "test" not in metrics:
+        raise ArtifactError(f"{layout.metrics_file}: no test metrics; rerun `headstart evaluate`")
+    return metrics
 
 
 def load_split(path: Path, num_classes: int, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
