@@ -7,6 +7,7 @@ everywhere, with a message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -203,9 +204,13 @@ class Params(_Section):
 
 
 def _describe(error: dict[str, Any], origin: str) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    # pydantic names the member of a union that failed (e.g. `constrained-int`, `literal['all']`): not a key
+    parts = [str(part) for part in error["loc"] if not re.search(r"[-\[]", str(part))]
+    key = ".".join(parts) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{key}'. Remove it or check its spelling."
+    if error["type"] == "value_error":  # a check across keys: the message names them, the section is the value
+        return f"{origin}: {key}: {error['msg'].removeprefix('Value error, ')}."
     value = error.get("input")
     return f"{origin}: key '{key}' has value {value!r}: {error['msg']}."
 
