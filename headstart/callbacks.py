@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,7 @@ class EpochCheckpoints(keras.callbacks.Callback):
         if improved:
             self.state["best"] = f"best-{epoch}.weights.h5"
             with atomic_path(self.folder / self.state["best"], suffix=".weights.h5") as tmp:
-                tmp.write_bytes((self.folder / self.state["last"]).read_bytes())
+                shutil.copyfile(self.folder / self.state["last"], tmp)
         atomic_write_json(self.folder / "state.json", self.state)
         for old in self.folder.glob("*.weights.h5"):
             if old.name not in (self.state["last"], self.state["best"]):

@@ -3,7 +3,6 @@ the epoch data from the decoded-image cache (optimizers and callbacks live besid
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,9 +19,6 @@ from headstart.layout import Layout
 from headstart.model import build_augmentation, build_classifier, freeze_batch_norm, reseed
 from headstart.optimizers import block_scales, make_optimizer
 from headstart.params import FinetuneParams, Params
-
-log = logging.getLogger(__name__)
-
 
 
 def array_batches(

@@ -71,8 +71,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     rows, labels, n_train = image_rows(layout, manifest, classes)
     seed_everything(ft.seed, ft.deterministic)
     model, backbone = assemble(params, layout)
-    configure_trainable(model, backbone, ft.model_copy(update={"enabled": True}))
-    compile_for_finetuning(model, [], ft.model_copy(update={"learning_rate": p.start_lr}), 1)
+    _, blocks = configure_trainable(model, backbone, ft.model_copy(update={"enabled": True}))
+    # the same per-block rates as fine-tuning (backbone_lr_multiplier, gradual unfreezing)
+    release = compile_for_finetuning(model, blocks, ft.model_copy(update={"learning_rate": p.start_lr}), 1)
     images = cached_images([str(layout.root / path) for path in rows["path"]], list(rows["sha256"]),
                            backbone.image_size, backbone.spec.interpolation, layout.image_cache_dir)
     data = EpochData(images, labels, n_train, len(classes), ft)
@@ -80,6 +81,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     def batches() -> Iterator[Any]:
         for epoch in itertools.count():
             data.start_epoch(epoch)
+            release(epoch)
             yield from data.train
 
     curve = range_test(model, batches(), p)
