@@ -89,6 +89,11 @@ class Layout:
     def metrics_file(self) -> Path:
         return self.root / "metrics.json"
 
+    @property
+    def predictions_file(self) -> Path:
+        """Per-image test predictions (in git, for the PR report's paired comparison)."""
+        return self.reports_dir / "predictions.csv"
+
     # export
     @property
     def export_dir(self) -> Path:

@@ -178,6 +178,10 @@ class EvaluateParams(_Section):
     tta_flip: bool = Field(
         False, description="Average each prediction with its mirror image's; export builds it into the model too."
     )
+    bootstrap_resamples: int = Field(
+        1000, ge=0, description="Bootstrap resamples behind the 95% intervals of the final model's scores; 0 turns them off."
+    )
+    bootstrap_seed: int = Field(0, ge=0, description="Seed of the bootstrap draws (fixed, so reruns report the same interval).")
 
 
 class ExportParams(_Section):

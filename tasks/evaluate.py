@@ -35,6 +35,7 @@ from headstart.metrics import classification_metrics, per_class_report
 from headstart.model import with_flip_tta
 from headstart.params import EvaluateParams, Params
 from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
+from headstart.uncertainty import Intervals, bootstrap_intervals, format_interval, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
                 summary.append({"model": model, "split": split, "images": s["images"], "accuracy": s["accuracy"],
                                 f"top-{metrics['top_k']}": s["top_k_accuracy"], "macro F1": s["macro_f1"],
                                 "weighted F1": s["weighted_f1"], "log loss": s["log_loss"]})
+                summary[-1].update({f"{name} 95% CI": format_interval(**s["ci95"][key]) if "ci95" in s else None
+                                    for name, key in (("accuracy", "accuracy"), ("macro F1", "macro_f1"))})
     tuned = "yes" if metrics["fine_tuned"] else "no (the final model is the head on the frozen backbone)"
     text = [
         "# Evaluation report",
@@ -95,7 +98,7 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
         "",
         "## Summary",
         "",
-        markdown_table(pd.DataFrame(summary)),
+        markdown_table(pd.DataFrame(summary).dropna(axis=1, how="all").fillna("-")),
         "",
         "## Per class (final model, test split)",
         "",
@@ -170,12 +173,15 @@ def _gate(metrics: dict[str, Any], floor: float | None) -> tuple[bool, str]:
 
 
 def _write_test_reports(layout: Layout, p: EvaluateParams, test: pd.DataFrame, probs: np.ndarray,
-                        classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The per-class and confusion CSVs and the figures; returns the tables the Markdown report shows."""
+                        classes: list[str], intervals: Intervals | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The per-class, confusion and per-image CSVs and the figures; returns the tables the Markdown report shows."""
     predicted = probs.argmax(axis=1)
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     figures = layout.reports_dir / "figures"
     report = per_class_report(test["y"].to_numpy(), predicted, classes)
+    if intervals is not None:
+        report = report.assign(recall_low=intervals.recall[:, 0], recall_high=intervals.recall[:, 1])
+    write_predictions(layout.predictions_file, list(test["path"]), list(test["label"]), probs, classes)
     atomic_write_text(layout.reports_dir / "classification_report.csv", report.to_csv(index=False))
     pairs = pd.DataFrame({"actual": test["label"], "predicted": [classes[i] for i in predicted]})
     atomic_write_text(layout.reports_dir / "confusion.csv", pairs.to_csv(index=False))
@@ -196,7 +202,13 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     _check_classes(layout, classes, features_info)
     rows = _split_rows(layout, classes)
     metrics, final_probs = _score(params, layout, info, features_info, rows)
-    report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes)
+    intervals = {split: bootstrap_intervals(frame["y"].to_numpy(), final_probs[split].argmax(axis=1), len(classes),
+                                            p.bootstrap_resamples, p.bootstrap_seed)
+                 for split, frame in rows.items() if p.bootstrap_resamples}
+    for split, found in intervals.items():
+        metrics[split]["ci95"] = found.as_metrics()
+    report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes,
+                                                    intervals.get("test"))
     passed, gate = _gate(metrics, p.assert_min_accuracy)
     write_report(layout.reports_dir / "evaluation.md", metrics, report, confusions, worst, info, gate)
     atomic_write_json(layout.metrics_file, metrics)

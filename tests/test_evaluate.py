@@ -19,7 +19,9 @@ from sklearn.metrics import classification_report, confusion_matrix, f1_score, l
 from headstart.data.datasets import image_dataset
 from headstart.layout import Layout
 from headstart.metrics import classification_metrics
+from headstart.uncertainty import format_interval, read_predictions
 from tasks import cli, evaluate
+from tests.conftest import REPO_ROOT
 from tests.model_fixture import trained_params
 
 
@@ -104,6 +106,35 @@ def test_figures_and_readable_report(exported_tree):
     assert len(gallery_rows) == min(wrong, trained_params(exported_tree.root).evaluate.gallery_size)
 
 
+def test_intervals_around_the_final_model_scores(exported_tree):
+    metrics = json.loads(exported_tree.metrics_file.read_text())
+    text = (exported_tree.reports_dir / "evaluation.md").read_text()
+    for split in ("test", "val"):
+        for key in ("accuracy", "macro_f1"):
+            interval = metrics[split]["ci95"][key]
+            assert 0 <= interval["low"] <= metrics[split][key] <= interval["high"] <= 1, (split, key)
+            assert interval["low"] < interval["high"], (split, key)  # 0.9-ish accuracy on ~20 images is not certain
+            assert format_interval(**interval) in text
+    assert all("ci95" not in scores for scores in metrics["head"].values())  # the final model only
+    report = pd.read_csv(exported_tree.reports_dir / "classification_report.csv", dtype={"class": str})
+    assert (report["recall_low"] <= report["recall"]).all() and (report["recall"] <= report["recall_high"]).all()
+    assert "| recall_low" in text.split("## Per class")[1]
+
+
+def test_per_image_test_predictions(exported_tree):
+    found = read_predictions(exported_tree.predictions_file)
+    test = _recomputed(exported_tree)["test"]
+    manifest = pd.read_csv(exported_tree.split_manifest, dtype=str, keep_default_na=False)
+    rows = manifest[manifest["split"] == "test"]
+    assert found.classes == json.loads((exported_tree.finetune_dir / "info.json").read_text())["classes"]
+    assert list(found.frame["path"]) == list(rows["path"]) and list(found.frame["label"]) == list(rows["label"])
+    assert list(found.frame["predicted"]) == [found.classes[i] for i in test["probs"].argmax(1)]
+    np.testing.assert_allclose(found.probabilities, test["probs"], atol=1e-5)
+    np.testing.assert_allclose(found.frame["confidence"], test["probs"].max(1), atol=1e-5)
+    outs = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["outs"]
+    assert {"reports/predictions.csv": {"cache": False}} in outs  # in git, for the PR report's paired test
+
+
 @pytest.fixture
 def tree_copy(trained_tree, tmp_path) -> Layout:
     """A private copy of the trained tree that a test may damage."""
@@ -127,6 +158,16 @@ def test_quality_gate_fails_the_stage_with_a_clear_message(exported_tree, tree_c
 
 def _params(layout: Layout):
     return trained_params(layout.root)
+
+
+def test_bootstrap_off_drops_the_intervals(tree_copy):
+    params = _params(tree_copy)
+    evaluate.run(params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"bootstrap_resamples": 0})}),
+                 tree_copy)
+    metrics = json.loads(tree_copy.metrics_file.read_text())
+    assert "ci95" not in metrics["test"] and "ci95" not in metrics["val"]
+    assert "recall_low" not in pd.read_csv(tree_copy.reports_dir / "classification_report.csv").columns
+    assert "95% CI" not in (tree_copy.reports_dir / "evaluation.md").read_text()
 
 
 def test_missing_model_names_the_stage_to_run(tree_copy):
