@@ -1,8 +1,10 @@
 """Pull-request report: how the workspace's params, metrics and plots differ from a base git ref.
 
 Writes OUT/report.md (the Markdown a CI job posts on the pull request: `dvc params diff`,
-`dvc metrics diff`, a pointer to the plots) and OUT/plots/index.html (`dvc plots diff`), plus a PNG
-per changed linear plot when matplotlib can draw it. Run it from the repository root, e.g.
+`dvc metrics diff`, a pointer to the plots, and a paired comparison of the base commit's and the
+workspace's per-image test predictions, which tells a real change from noise) and
+OUT/plots/index.html (`dvc plots diff`), plus a PNG per changed linear plot when matplotlib can
+draw it. Run it from the repository root, e.g.
 
     python scripts/pr_report.py --base origin/main --out pr-report
 """
@@ -16,7 +18,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from headstart.reporting import markdown_table
+from headstart.uncertainty import (
+    LEVEL,
+    PredictionsError,
+    compare_predictions,
+    format_interval,
+    parse_predictions,
+)
+
 NO_CHANGES = "_No changes._"
+PREDICTIONS = "reports/predictions.csv"
 
 
 class ReportError(RuntimeError):
@@ -91,8 +105,50 @@ def plot_pngs(base: str, cwd: Path, out: Path) -> list[Path]:
     return written
 
 
-def build_report(base: str, cwd: Path, out: Path, png: bool = True) -> Path:
-    """Run the three diffs against `base` and write OUT/report.md; returns its path."""
+def _listed(paths: list[str], limit: int = 5) -> str:
+    return ", ".join(f"`{p}`" for p in paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def paired_section(base: str, cwd: Path, predictions: str, resamples: int, seed: int) -> list[str]:
+    """Markdown comparing `base`'s and the workspace's per-image predictions on the test images both have."""
+    title = [f"### Paired test predictions (`{predictions}`)", ""]
+    shown = subprocess.run(["git", "show", f"{base}:{predictions}"], cwd=cwd, capture_output=True, text=True)
+    if shown.returncode != 0:
+        return [*title, f"`{base}` has no `{predictions}`, so there is nothing to pair; the metrics above "
+                "have no paired test."]
+    if not (cwd / predictions).exists():
+        return [*title, f"The workspace has no `{predictions}`: run `headstart evaluate` (or `dvc repro`)."]
+    try:
+        found = compare_predictions(parse_predictions(shown.stdout, f"{base}:{predictions}"),
+                                    parse_predictions((cwd / predictions).read_text(encoding="utf-8"), predictions),
+                                    resamples, seed)
+    except PredictionsError as exc:
+        return [*title, f"Not compared: {exc}"]
+    change, low, high = found.accuracy_change
+    level = f"{LEVEL:.0%}"
+    lines = [*title, f"{found.images} test images in both."]
+    lines += [f"Only in `{base}`: {len(found.only_base)} ({_listed(found.only_base)})."] if found.only_base else []
+    lines += [f"Only in the workspace: {len(found.only_head)} ({_listed(found.only_head)})."] if found.only_head else []
+    accuracy = pd.DataFrame([{"": "accuracy", base: found.base_accuracy, "workspace": found.head_accuracy,
+                              "change": change, f"{level} interval of the change": format_interval(low, high)}])
+    discordant = found.base_only_right + found.head_only_right
+    lines += ["", markdown_table(accuracy), "",
+              f"McNemar's exact test: p = {found.mcnemar_p:.4g} ({discordant} images changed correctness: "
+              f"{found.head_only_right} now right, {found.base_only_right} now wrong).",
+              "", f"Intervals: paired bootstrap over the shared images ({resamples} resamples, seed {seed})."]
+    table = found.per_class.rename(columns={"base_f1": f"F1 {base}", "head_f1": "F1 workspace",
+                                            "f1_change": "change", "low": f"{level} low", "high": f"{level} high"})
+    dropped = table[table["dropped"]].drop(columns="dropped")
+    lines += ["", f"Classes whose F1 dropped by more than the noise (the whole {level} interval of the change "
+              "is below 0):", "", markdown_table(dropped) if not dropped.empty else "None."]
+    lines += ["", "<details><summary>F1 change of every class</summary>", "",
+              markdown_table(table.drop(columns="dropped")), "", "</details>"]
+    return lines
+
+
+def build_report(base: str, cwd: Path, out: Path, png: bool = True, predictions: str = PREDICTIONS,
+                 resamples: int = 1000, seed: int = 0) -> Path:
+    """Run the three diffs and the paired comparison against `base` and write OUT/report.md; returns its path."""
     if not _ref_exists(base, cwd):
         raise ReportError(f"--base {base!r} is not a commit in {cwd}; fetch it (git fetch origin) or name another ref.")
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +160,7 @@ def build_report(base: str, cwd: Path, out: Path, png: bool = True) -> Path:
              "### Metrics", "", metrics or NO_CHANGES, "", "### Plots", "",
              "`plots/index.html` (the `dvc plots diff` page) is attached to this run."]
     lines += [f"![{png_path.stem}]({png_path.name})" for png_path in pngs]
+    lines += ["", *paired_section(base, cwd, predictions, resamples, seed)]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
@@ -115,9 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="pr-report", type=Path, help="output folder (default: pr-report)")
     parser.add_argument("--repo", default=".", type=Path, help="repository root (default: .)")
     parser.add_argument("--no-png", action="store_true", help="skip the matplotlib PNGs")
+    parser.add_argument("--predictions", default=PREDICTIONS,
+                        help=f"per-image predictions to pair, relative to the repository root (default: {PREDICTIONS})")
+    parser.add_argument("--resamples", default=1000, type=int, help="paired bootstrap resamples (default: 1000)")
+    parser.add_argument("--seed", default=0, type=int, help="paired bootstrap seed (default: 0)")
     args = parser.parse_args(argv)
+    if args.resamples < 1:
+        parser.error(f"--resamples must be at least 1, got {args.resamples}")
     try:
-        report = build_report(args.base, args.repo, args.out, png=not args.no_png)
+        report = build_report(args.base, args.repo, args.out, png=not args.no_png, predictions=args.predictions,
+                              resamples=args.resamples, seed=args.seed)
     except ReportError as exc:
         print(f"pr_report: error: {exc}", file=sys.stderr)
         return 2

@@ -3,8 +3,9 @@
 The head is scored on the cached features (no backbone pass); the final classifier on the split's
 images through the same decode-and-resize pipeline training used. Every number comes from
 scikit-learn's metrics on those predictions. Outputs: `metrics.json` (stable dotted keys for
-`dvc metrics show/diff`), per-class CSV, confusion-matrix plot data and figures, and
-`reports/evaluation.md`. An optional accuracy floor turns the stage into a quality gate.
+`dvc metrics show/diff`, with the final model's bootstrap 95% intervals), per-class CSV, confusion-matrix
+plot data and figures, per-image test predictions (`reports/predictions.csv`, which the PR report
+pairs across commits), and `reports/evaluation.md`. An optional accuracy floor turns the stage into a quality gate.
 """
 
 from __future__ import annotations

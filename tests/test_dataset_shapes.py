@@ -24,6 +24,7 @@ from headstart import predict
 from headstart.data.manifest import ManifestError, read_split_manifest
 from headstart.layout import Layout
 from headstart.serving import load_predictor
+from headstart.uncertainty import read_predictions
 from tasks import download, evaluate, export, features, finetune, split, train_head
 from tests.stage_inputs import make_params
 
@@ -95,6 +96,8 @@ def test_reports_name_every_class_by_its_folder(tree):
     assert json.loads((layout.finetune_dir / "info.json").read_text())["classes"] == folders
     assert list(_text_csv(layout.reports_dir / "classification_report.csv")["class"]) == folders
     assert set(_text_csv(layout.reports_dir / "confusion.csv")["actual"]) <= set(folders)
+    predictions = read_predictions(layout.predictions_file)
+    assert predictions.classes == folders and set(predictions.frame["label"]) <= set(folders)
     report = (layout.reports_dir / "evaluation.md").read_text()
     assert all(re.search(rf"^\| {re.escape(folder)} +\|", report, re.MULTILINE) for folder in folders)
 
