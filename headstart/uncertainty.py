@@ -65,9 +65,9 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def scores(counts: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy and macro-F1 (resamples,), per-class recall and F1 (resamples, classes) from confusion counts.
 
-    Per-class recall and F1 are NaN in a resample without the class (nothing to score); macro-F1 counts
-    such a class as 0, as scikit-learn's `f1_score(..., labels=all classes, zero_division=0)` behind the
-    reported point estimate does.
+    A class's recall is NaN in a resample without images of it, its F1 when it is neither there nor
+    predicted (nothing to score; intervals skip those resamples). Macro-F1 counts such a class as 0, as
+    scikit-learn's `f1_score(..., labels=all classes, zero_division=0)` behind the point estimate does.
     """
     hits = np.diagonal(counts, axis1=1, axis2=2)
     actual, chosen = counts.sum(axis=2), counts.sum(axis=1)
