@@ -178,6 +178,10 @@ class EvaluateParams(_Section):
     tta_flip: bool = Field(
         False, description="Average each prediction with its mirror image's; export builds it into the model too."
     )
+    temperature_scaling: bool = Field(
+        True, description="Fit a softmax temperature on the val split; evaluate scores and export serves the scaled model."
+    )
+    calibration_bins: int = Field(15, ge=1, le=1000, description="Equal-width confidence bins of the ECE and diagram.")
 
 
 class ExportParams(_Section):
