@@ -159,19 +159,20 @@ def write_reliability(labels: np.ndarray, passes: np.ndarray, temperature: float
 def _plot_reliability(tables: dict[str, pd.DataFrame], images: int, temperature: float, bins: int,
                       target: Path) -> None:
     """Accuracy per confidence bin (bars) against the diagonal of perfect calibration, before and after."""
-    figure = Figure(figsize=(10, 4.6))
+    figure = Figure(figsize=(11, 4.8))
     width = 1.0 / bins
     for axis, (scaling, table) in zip(figure.subplots(1, 2, sharey=True), tables.items(), strict=True):
         centers = (table["bin"] + 0.5) * width
-        axis.bar(centers, table["accuracy"], width=width * 0.9, color="tab:blue", label="accuracy")
+        bars = axis.bar(centers, table["accuracy"], width=width * 0.9, color="tab:blue", label="accuracy (images)")
+        axis.bar_label(bars, labels=[str(n) for n in table["count"]], fontsize=7)
         axis.scatter(table["confidence"], table["accuracy"], color="tab:red", s=14, zorder=3,
                      label="(mean confidence, accuracy)")
         axis.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
         t = 1.0 if scaling == "before" else temperature
-        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-class probability",
-                 title=f"{scaling} temperature scaling (T = {t:.3f}): ECE {_ece(table):.4f}")
+        axis.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="top-class probability",
+                 title=f"{scaling} scaling: T = {t:.3f}, ECE {_ece(table):.4f}")
     figure.axes[0].set_ylabel("accuracy")
-    figure.axes[0].legend(loc="upper left", fontsize=8)
+    figure.axes[0].legend(loc="upper left", fontsize=8, framealpha=0.6)
     figure.suptitle(f"Reliability diagram (test split, final model, {images} images, {bins} bins)")
     save_figure(figure, target)
 
