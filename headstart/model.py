@@ -95,6 +95,11 @@ def with_flip_tta(classifier: keras.Model) -> keras.Model:
     return keras.Model(image, mean, name=f"{classifier.name}_flip_tta")
 
 
+def flip_tta_passes(tta: keras.Model) -> keras.Model:
+    """The two probabilities a `with_flip_tta` model averages (image, mirror image), as its two outputs."""
+    return keras.Model(tta.inputs, tta.get_layer("flip_tta_mean").input, name=f"{tta.name}_passes")
+
+
 def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequential | None:
     """Random Keras preprocessing layers from params (each off at 0/'none'); None when all are off.
 

@@ -182,6 +182,10 @@ class EvaluateParams(_Section):
         1000, ge=0, description="Bootstrap resamples behind the 95% intervals of the final model's scores; 0 turns them off."
     )
     bootstrap_seed: int = Field(0, ge=0, description="Seed of the bootstrap draws (fixed, so reruns report the same interval).")
+    temperature_scaling: bool = Field(
+        True, description="Fit a softmax temperature on the val split; evaluate scores and export serves the scaled model."
+    )
+    calibration_bins: int = Field(15, ge=1, le=1000, description="Equal-width confidence bins of the ECE and diagram.")
 
 
 class ExportParams(_Section):

@@ -19,6 +19,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
+from headstart.calibration import (
+    calibrate,
+    report_lines,
+    served_probabilities,
+    split_scores,
+    write_reliability,
+)
 from headstart.data.artifacts import (
     FeaturesInfo,
     ModelInfo,
@@ -33,7 +40,7 @@ from headstart.data.manifest import read_split_manifest
 from headstart.files import atomic_write_json, atomic_write_text
 from headstart.layout import Layout
 from headstart.metrics import classification_metrics, per_class_report
-from headstart.model import with_flip_tta
+from headstart.model import flip_tta_passes, with_flip_tta
 from headstart.params import EvaluateParams, Params
 from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
 from headstart.uncertainty import Intervals, bootstrap_intervals, format_interval, write_predictions
@@ -75,7 +82,7 @@ def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info:
 
 
 def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, confusions: pd.DataFrame,
-                 worst: pd.DataFrame, info: ModelInfo, gate: str) -> None:
+                 worst: pd.DataFrame, info: ModelInfo, gate: str, calibration: str) -> None:
     summary = []
     compared = [("final", metrics), ("final without flip TTA", metrics.get("without_tta", {})),
                 ("head only", metrics["head"])]
@@ -113,6 +120,7 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
         "",
         markdown_table(worst[["path", "label", "predicted_label", "confidence"]]) if not worst.empty else "None.",
         "",
+        *report_lines(metrics, EVAL_SPLITS, calibration),
         "## Figures",
         "",
         "![Confusion matrix](figures/confusion_matrix.png)",
@@ -134,18 +142,23 @@ def _check_classes(layout: Layout, classes: list[str], features_info: FeaturesIn
 
 
 def _score(params: Params, layout: Layout, info: ModelInfo, features_info: FeaturesInfo,
-           rows: dict[str, pd.DataFrame]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Metrics of the head (on cached features) and of the final model (on images), per evaluated split."""
+           rows: dict[str, pd.DataFrame]) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """Metrics of the head (on cached features) and of the final model (on images), per evaluated split.
+
+    The final model is scored as export serves it: each pass (two with flip TTA) temperature-scaled
+    by the T fitted on val, then averaged. Returns the metrics, the served test/val probabilities and
+    the report's sentence on the temperature.
+    """
     p = params.evaluate
     classes = info.classes
     head = load_model(layout.head_dir / "head.keras", "train_head")
     plain = load_model(layout.finetune_dir / "model.keras", "finetune")
-    model = with_flip_tta(plain) if p.tta_flip else plain  # what export will serve
+    model = flip_tta_passes(with_flip_tta(plain)) if p.tta_flip else plain  # the passes export will serve
     metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": info.fine_tuned,
                                "tta_flip": p.tta_flip, "head": {}}
     if p.tta_flip:
         metrics["without_tta"] = {}
-    final_probs: dict[str, np.ndarray] = {}
+    passes: dict[str, np.ndarray] = {}  # split -> (passes, N, classes) probabilities before scaling
     for split, frame in rows.items():
         npz = layout.features_dir / f"{split}.npz"
         features, labels = load_split(npz, len(classes), features_info.feature_dim)
@@ -155,14 +168,24 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
                     f"{npz} does not hold the {split} split of {layout.split_manifest}: rerun the features stage"
                 )
         metrics["head"][split] = classification_metrics(labels, head.predict(features, verbose=0), p.top_k)
-        final_probs[split] = predict_images(model, layout, frame, info, params.features.batch_size)
-        metrics[split] = classification_metrics(frame["y"].to_numpy(), final_probs[split], p.top_k)
-        if p.tta_flip:
-            plain_probs = predict_images(plain, layout, frame, info, params.features.batch_size)
-            metrics["without_tta"][split] = classification_metrics(frame["y"].to_numpy(), plain_probs, p.top_k)
+        passes[split] = np.stack(keras.tree.flatten(predict_images(model, layout, frame, info,
+                                                                   params.features.batch_size)))
+    truth = {split: frame["y"].to_numpy() for split, frame in rows.items()}
+    metrics["calibration"], calibration = calibrate(truth, passes, p.temperature_scaling, p.calibration_bins)
+    temperature = metrics["calibration"]["temperature"]
+    write_reliability(truth["test"], passes["test"], temperature, p.calibration_bins,
+                      layout.reports_dir / "calibration.csv", layout.reports_dir / "figures" / "reliability.png")
+    final_probs: dict[str, np.ndarray] = {}
+    for split, frame in rows.items():
+        final_probs[split] = served_probabilities(passes[split], temperature)
+        metrics[split] = (classification_metrics(truth[split], final_probs[split], p.top_k)
+                          | split_scores(truth[split], passes[split], temperature, p.calibration_bins))
+        if p.tta_flip:  # the image pass alone, at the same temperature
+            metrics["without_tta"][split] = classification_metrics(
+                truth[split], served_probabilities(passes[split][:1], temperature), p.top_k)
         log.info("evaluate: %s accuracy %.4f (head only %.4f) on %d images", split, metrics[split]["accuracy"],
                  metrics["head"][split]["accuracy"], len(frame))
-    return metrics, final_probs
+    return metrics, final_probs, calibration
 
 
 def _gate(metrics: dict[str, Any], floor: float | None) -> tuple[bool, str]:
@@ -202,7 +225,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     features_info = read_features_info(layout)
     _check_classes(layout, classes, features_info)
     rows = _split_rows(layout, classes)
-    metrics, final_probs = _score(params, layout, info, features_info, rows)
+    metrics, final_probs, calibration = _score(params, layout, info, features_info, rows)
     intervals = {split: bootstrap_intervals(frame["y"].to_numpy(), final_probs[split].argmax(axis=1), len(classes),
                                             p.bootstrap_resamples, p.bootstrap_seed)
                  for split, frame in rows.items() if p.bootstrap_resamples}
@@ -211,7 +234,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes,
                                                     intervals.get("test"))
     passed, gate = _gate(metrics, p.assert_min_accuracy)
-    write_report(layout.reports_dir / "evaluation.md", metrics, report, confusions, worst, info, gate)
+    write_report(layout.reports_dir / "evaluation.md", metrics, report, confusions, worst, info, gate, calibration)
     atomic_write_json(layout.metrics_file, metrics)
     if not passed:
         raise QualityGateError(

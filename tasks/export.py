@@ -5,7 +5,9 @@ the same Keras `Resizing` layer the data pipeline uses -> the classifier (prepro
 Formats: `.keras`, a SavedModel with a named serving signature, and TFLite float32 / float16 /
 full-integer int8 (calibrated on a sample of the train split). A parity check runs every format
 through `headstart.serving`'s loaders (predict's too) on the test split; float formats that disagree with Keras on
-more than `1 - export.min_float_agreement` of the images fail the stage.
+more than `1 - export.min_float_agreement` of the images fail the stage. Every format carries the
+softmax temperature evaluate fitted (metrics.json `calibration.temperature`, baked into the final
+Dense layer), so it serves the calibrated probabilities evaluate scored.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from headstart.calibration import CalibrationRecord, apply_temperature, read_calibration
 from headstart.data.artifacts import ModelInfo, load_model, read_features_info, read_metrics, read_model_info
 from headstart.data.images import load_rgb
 from headstart.data.manifest import read_split_manifest
@@ -141,8 +144,8 @@ def code_hashes() -> dict[str, str]:
 
 
 def model_card(params: Params, layout: Layout, info: ModelInfo, files: dict[str, Path], parity: dict[str, Any],
-               image_size: int) -> dict[str, Any]:
-    metrics = read_metrics(layout) if layout.metrics_file.exists() else None
+               image_size: int, calibration: CalibrationRecord) -> dict[str, Any]:
+    metrics = read_metrics(layout)
     features_info = read_features_info(layout) if (layout.features_dir / "info.json").exists() else None
     return {
         "classes": info.classes,
@@ -150,12 +153,14 @@ def model_card(params: Params, layout: Layout, info: ModelInfo, files: dict[str,
         "weights_id": info.weights_id,
         "fine_tuned": info.fine_tuned,
         "tta_flip": params.evaluate.tta_flip,
+        "calibration": calibration.model_dump(mode="json"),
         "input": {
             "name": INPUT_NAME, "dtype": "uint8", "shape": [None, None, None, 3], "color": "RGB, 0..255, upright",
             "resized_inside_to": [image_size, image_size], "interpolation": info.interpolation,
         },
         "output": {"name": OUTPUT_NAME, "dtype": "float32 (uint8 in the int8 TFLite model, scale 1/256)",
-                   "shape": [None, len(info.classes)], "meaning": "softmax probabilities in labels.txt order"},
+                   "shape": [None, len(info.classes)], "meaning": "softmax probabilities in labels.txt order, temperature-scaled by "
+                              f"calibration.temperature = {calibration.temperature:.4f}"},
         "serving_signature": SIGNATURE,
         "files": {fmt: {"path": FILES[fmt], "bytes": _size(path)} for fmt, path in files.items()},
         "params": params.model_dump(mode="json"),
@@ -177,6 +182,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     classes = info.classes
     image_size = info.image_size
     classifier = load_model(layout.finetune_dir / "model.keras", "finetune")
+    scaling = read_calibration(layout)
+    apply_temperature(classifier, scaling.temperature)  # each TTA pass is scaled before the mean, as evaluated
     # the model evaluate scored: with flip test-time augmentation when evaluate.tta_flip is on
     model = serving_model(with_flip_tta(classifier) if params.evaluate.tta_flip else classifier, image_size,
                           info.interpolation)
@@ -208,7 +215,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             parity["min_float_agreement"] = p.min_float_agreement
             for fmt, path in exported.items():
                 parity[fmt]["bytes"] = _size(path)
-            card = model_card(params, layout, info, exported, parity, image_size)
+            card = model_card(params, layout, info, exported, parity, image_size, scaling)
             atomic_write_json(staging / MODEL_CARD, card)
             atomic_write_json(layout.reports_dir / "export_parity.json", parity)
             check_float_agreement(parity, p.min_float_agreement, layout.reports_dir / "export_parity.json")

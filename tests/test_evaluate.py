@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 import yaml
 from PIL import Image
+from scipy.special import softmax
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, top_k_accuracy_score
 
 from headstart.data.datasets import image_dataset
@@ -58,11 +59,17 @@ def _sklearn_scores(labels: np.ndarray, probs: np.ndarray, k: int) -> dict[str, 
 
 
 def test_metrics_match_sklearn_on_independent_predictions(exported_tree):
+    """The final model is scored as served: softmax(log p / T) with the temperature fitted on val."""
     metrics = json.loads(exported_tree.metrics_file.read_text())
     k = metrics["top_k"]
     assert k == 3
+    temperature = metrics["calibration"]["temperature"]
+    assert metrics["calibration"]["fitted"] and temperature != pytest.approx(1, abs=1e-3)
     for split, predictions in _recomputed(exported_tree).items():
-        final = _sklearn_scores(predictions["labels"], predictions["probs"], k)
+        raw = predictions["probs"].astype(np.float64)
+        final = _sklearn_scores(predictions["labels"], softmax(np.log(raw) / temperature, axis=1), k)
+        assert metrics[split]["log_loss_uncalibrated"] == pytest.approx(
+            _sklearn_scores(predictions["labels"], raw, k)["log_loss"], abs=1e-5)
         head = _sklearn_scores(predictions["head_labels"], predictions["head_probs"], k)
         for key, value in final.items():
             assert metrics[split][key] == pytest.approx(value, abs=1e-5), (split, key)
@@ -93,7 +100,7 @@ def test_per_class_report_and_confusion_data_match_sklearn(exported_tree):
 
 def test_figures_and_readable_report(exported_tree):
     figures = exported_tree.reports_dir / "figures"
-    for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png"):
+    for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png", "reliability.png"):
         with Image.open(figures / name) as image:
             assert image.format == "PNG" and min(image.size) > 200, name
     text = (exported_tree.reports_dir / "evaluation.md").read_text()
@@ -104,6 +111,31 @@ def test_figures_and_readable_report(exported_tree):
     wrong = round((1 - metrics["test"]["accuracy"]) * metrics["test"]["images"])
     gallery_rows = [line for line in text.split("## Most confident mistakes")[1].splitlines() if line.startswith("| data/")]
     assert len(gallery_rows) == min(wrong, trained_params(exported_tree.root).evaluate.gallery_size)
+    calibration = text.split("## Calibration")[1]
+    assert f"Temperature T = {metrics['calibration']['temperature']:.4f}: fitted on the val split" in calibration
+    assert f"| test    | {metrics['test']['images']} " in calibration and f"{metrics['test']['ece']:.4f}" in calibration
+
+
+def test_reliability_data_is_the_test_split_before_and_after_scaling(exported_tree):
+    metrics = json.loads(exported_tree.metrics_file.read_text())
+    table = pd.read_csv(exported_tree.reports_dir / "calibration.csv", dtype={"scaling": str}, keep_default_na=False)
+    assert list(table.columns) == ["scaling", "bin", "confidence", "accuracy", "count"]
+    for scaling, ece_key in (("before", "ece_uncalibrated"), ("after", "ece")):
+        rows = table[table["scaling"] == scaling]
+        assert rows["count"].sum() == metrics["test"]["images"] and rows["bin"].between(0, 14).all()
+        gap = (rows["count"] * (rows["accuracy"] - rows["confidence"]).abs()).sum() / rows["count"].sum()
+        assert gap == pytest.approx(metrics["test"][ece_key])
+
+
+def test_without_a_val_split_the_temperature_stays_one_and_the_report_says_why(tree_copy):
+    manifest = pd.read_csv(tree_copy.split_manifest, dtype=str, keep_default_na=False)
+    manifest.loc[manifest["split"] == "val", "split"] = "train"
+    manifest.to_csv(tree_copy.split_manifest, index=False)
+    metrics = evaluate.run(_params(tree_copy), tree_copy)
+    assert metrics["calibration"] == {"temperature": 1.0, "fitted": False, "bins": 15} and "val" not in metrics
+    assert metrics["test"]["ece"] == metrics["test"]["ece_uncalibrated"]
+    assert metrics["test"]["log_loss"] == pytest.approx(metrics["test"]["log_loss_uncalibrated"])
+    assert "there is no val split to fit it on" in (tree_copy.reports_dir / "evaluation.md").read_text()
 
 
 def test_intervals_around_the_final_model_scores(exported_tree):

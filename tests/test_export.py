@@ -13,6 +13,8 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 from keras import layers
+from scipy.special import softmax
+from sklearn.metrics import log_loss
 
 from headstart.data.datasets import image_dataset
 from headstart.data.images import load_rgb
@@ -49,7 +51,8 @@ def test_every_format_written_and_float_formats_agree(exported_tree):
     assert sizes["tflite_int8"] < sizes["tflite_float16"] < sizes["tflite_float32"]
 
 
-def test_keras_export_is_safe_mode_loadable_and_matches_the_training_pipeline(exported_tree):
+def test_keras_export_is_safe_mode_loadable_and_serves_the_calibrated_training_pipeline(exported_tree):
+    """The export carries evaluate's temperature: softmax(log p / T) of the fine-tuned model's p."""
     model = keras.models.load_model(exported_tree.export_dir / "model.keras", safe_mode=True)
     assert not [layer for layer in all_layers(model) if isinstance(layer, layers.Lambda)]
     assert model.inputs[0].dtype == "uint8" and tuple(model.inputs[0].shape) == (None, None, None, 3)
@@ -58,8 +61,13 @@ def test_keras_export_is_safe_mode_loadable_and_matches_the_training_pipeline(ex
     paths = [str(exported_tree.root / p) for p in manifest["path"][:8]]
     raw = np.stack([load_rgb(p) for p in paths])  # 28x28 uint8: the model resizes inside
     classifier = keras.models.load_model(exported_tree.finetune_dir / "model.keras", safe_mode=True)
-    expected = classifier.predict(image_dataset(paths, None, info["image_size"], 8, info["interpolation"]), verbose=0)
+    uncalibrated = classifier.predict(image_dataset(paths, None, info["image_size"], 8, info["interpolation"]),
+                                      verbose=0)
+    temperature = json.loads(exported_tree.metrics_file.read_text())["calibration"]["temperature"]
+    assert temperature != pytest.approx(1, abs=1e-3)
+    expected = softmax(np.log(uncalibrated.astype(np.float64)) / temperature, axis=1)
     np.testing.assert_allclose(model.predict(raw, verbose=0), expected, atol=1e-5)
+    assert np.abs(expected - uncalibrated).max() > 1e-3  # the check would notice a missing temperature
 
 
 def test_saved_model_has_the_named_serving_signature(exported_tree):
@@ -90,6 +98,8 @@ def test_model_card_describes_the_model(exported_tree):
     assert (card["backbone"], card["weights_id"]) == (info["backbone"], info["weights_id"])
     assert card["input"]["dtype"] == "uint8" and card["input"]["resized_inside_to"] == [info["image_size"]] * 2
     assert card["serving_signature"] == "serving_default"
+    assert card["calibration"] == json.loads(exported_tree.metrics_file.read_text())["calibration"]
+    assert f"{card['calibration']['temperature']:.4f}" in card["output"]["meaning"]
     assert card["metrics"]["test"]["accuracy"] == json.loads(exported_tree.metrics_file.read_text())["test"]["accuracy"]
     assert card["parity"]["tflite_int8"]["agreement"] == pytest.approx(
         json.loads((exported_tree.reports_dir / "export_parity.json").read_text())["tflite_int8"]["agreement"])
@@ -126,10 +136,10 @@ def test_missing_classifier_names_the_stage_to_run(tmp_path):
         export.run(trained_params(tmp_path), layout)
 
 
-def test_subset_of_formats(trained_tree, tmp_path):
+def test_subset_of_formats(exported_tree, tmp_path):
     """Only .keras and float32 TFLite: the SavedModel used for conversion stays out of the export."""
     target = tmp_path / "copy"
-    shutil.copytree(trained_tree.root, target, ignore=shutil.ignore_patterns("cache", "backbone", "export"))
+    shutil.copytree(exported_tree.root, target, ignore=shutil.ignore_patterns("cache", "backbone", "export"))
     layout = Layout(target)
     parity = export.run(trained_params(target, export={"formats": ["keras", "tflite_float32"]}), layout)
     assert sorted(p.name for p in layout.export_dir.iterdir()) == [
@@ -163,6 +173,21 @@ def test_flip_tta_is_evaluated_exported_and_exact(trained_tree, tmp_path):
     np.testing.assert_allclose(with_flip_tta(classifier).predict(images, verbose=0), expected, atol=1e-6)
     exported = keras.models.load_model(layout.export_dir / "model.keras", safe_mode=True)
     assert any(layer.name == "flip_tta_mean" for layer in all_layers(exported))
+
+    # served = the mean of each pass's softmax(log p / T), with the T evaluate fitted on exactly that
+    test = pd.read_csv(layout.split_manifest, dtype=str, keep_default_na=False).query("split == 'test'")
+    paths = [str(target / p) for p in test["path"]]
+    info = json.loads((layout.finetune_dir / "info.json").read_text())
+    resized = np.concatenate(list(image_dataset(paths, None, info["image_size"], 64).as_numpy_iterator()))
+    passes = np.stack([classifier.predict(resized, verbose=0), classifier.predict(resized[:, :, ::-1], verbose=0)])
+    temperature = metrics["calibration"]["temperature"]
+    assert metrics["calibration"]["fitted"] and temperature != pytest.approx(1, abs=1e-3)
+    served = exported.predict(np.stack([load_rgb(p) for p in paths]), verbose=0)
+    np.testing.assert_allclose(served, softmax(np.log(passes.astype(np.float64)) / temperature, axis=-1).mean(0),
+                               atol=1e-5)
+    labels = test["label"].map(info["classes"].index).to_numpy()
+    assert log_loss(labels, served / served.sum(1, keepdims=True), labels=range(len(info["classes"]))) == \
+        pytest.approx(metrics["test"]["log_loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize(
