@@ -156,13 +156,15 @@ def test_intervals_around_the_final_model_scores(exported_tree):
 def test_per_image_test_predictions(exported_tree):
     found = read_predictions(exported_tree.predictions_file)
     test = _recomputed(exported_tree)["test"]
+    temperature = json.loads(exported_tree.metrics_file.read_text())["calibration"]["temperature"]
+    served = softmax(np.log(test["probs"].astype(np.float64)) / temperature, axis=1)  # the calibrated model's
     manifest = pd.read_csv(exported_tree.split_manifest, dtype=str, keep_default_na=False)
     rows = manifest[manifest["split"] == "test"]
     assert found.classes == json.loads((exported_tree.finetune_dir / "info.json").read_text())["classes"]
     assert list(found.frame["path"]) == list(rows["path"]) and list(found.frame["label"]) == list(rows["label"])
-    assert list(found.frame["predicted"]) == [found.classes[i] for i in test["probs"].argmax(1)]
-    np.testing.assert_allclose(found.probabilities, test["probs"], atol=1e-5)
-    np.testing.assert_allclose(found.frame["confidence"], test["probs"].max(1), atol=1e-5)
+    assert list(found.frame["predicted"]) == [found.classes[i] for i in served.argmax(1)]
+    np.testing.assert_allclose(found.probabilities, served, atol=1e-5)
+    np.testing.assert_allclose(found.frame["confidence"], served.max(1), atol=1e-5)
     outs = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["outs"]
     assert {"reports/predictions.csv": {"cache": False}} in outs  # in git, for the PR report's paired test
 
