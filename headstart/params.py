@@ -57,7 +57,7 @@ class SplitParams(_Section):
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
     salt: str = Field("headstart-v1", min_length=1, description="Changing it reshuffles every split.")
-    respect_existing_split: bool | Literal["auto"] = Field(
+    respect_existing_split: Literal[True, False, "auto"] = Field(
         "auto",
         description="auto/true: images keep the split their source ships (train/ val/ test/ folders, a label "
         "file's split column, Fashion-MNIST's t10k test set) and a split it does not ship is carved from its "

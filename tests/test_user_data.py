@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from headstart.backbones.registry import get_spec, image_size_for
 from headstart.data.sources.candidates import DownloadError
 from headstart.data.sources.presets import EffectiveSettings, effective_settings
 from headstart.layout import Layout
-from headstart.params import load_params
+from headstart.params import ParamsError, load_params
 from tasks import download, split
 from tests.conftest import REPO_ROOT, write_class_folders
 
@@ -207,3 +208,13 @@ def test_an_own_folder_keeps_every_image_by_default(tmp_path, fashion_arrays):
     sample = json.loads(layout.raw_sample.read_text())
     assert sample == {"max_images_per_class": None, "per_class": {"few": {"available": 12, "kept": 12},
                                                                   "many": {"available": unique, "kept": unique}}}
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), [
+    ("download.max_images_per_class", 0, "greater than or equal to 1"),
+    ("features.image_size", "native", "'auto'"),
+    ("split.respect_existing_split", "maybe", "True, False or 'auto'"),
+])
+def test_a_bad_auto_value_names_the_key(key, value, allowed):
+    with pytest.raises(ParamsError, match=rf"key '{key}' has value {value!r}: Input should be (.*){re.escape(allowed)}"):
+        load_params("absent.yaml", {key: value})
