@@ -31,6 +31,7 @@ from docs_section import DOCS, write_section  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
 from headstart.data.datasets import image_dataset  # noqa: E402
+from headstart.data.sources.presets import effective_settings  # noqa: E402
 from headstart.layout import Layout  # noqa: E402
 from headstart.params import Params, load_params  # noqa: E402
 from headstart.reporting import markdown_table  # noqa: E402
@@ -122,13 +123,13 @@ def imbalanced_part(params: Params, source: Layout, root: Path) -> dict[str, Any
 
 def markdown(params: Params, balanced: dict[str, Any], imbalanced: dict[str, Any] | None, command: str) -> str:
     head, ft, seconds = balanced["head"], balanced["finetune"], balanced["seconds"]
-    p, f = params.finetune, params.features
+    p, f, effective = params.finetune, params.features, effective_settings(params)
     lines = [
         "## Accuracy: head-only vs fine-tuned (bench/accuracy_bench.py)",
         "",
         f"`{command}` on {describe_device()}, Keras {keras.__version__}; "
-        f"Fashion-MNIST, {params.download.max_images_per_class} images per class, {balanced['train_images']} train images, "
-        f"split {params.split.train}/{params.split.val}/{params.split.test}; {f.backbone} ({f.weights} weights) at {f.image_size} px; "
+        f"Fashion-MNIST, {effective.max_images_per_class} images per class, {balanced['train_images']} train images, "
+        f"split {params.split.train}/{params.split.val}/{params.split.test}; {f.backbone} ({f.weights} weights) at {effective.image_size} px; "
         f"fine-tuning: top {p.top_blocks} blocks, {p.optimizer} lr {p.learning_rate}, {p.epochs} epochs, batch {p.batch_size}.",
         "",
         "| model | test accuracy | test macro-F1 | val accuracy | epochs | s/epoch | stage wall time |",

@@ -33,6 +33,7 @@ import tensorflow as tf  # noqa: E402
 from accuracy_bench import run_stages, score_head, score_model  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
+from headstart.data.sources.presets import effective_settings  # noqa: E402
 from headstart.layout import Layout  # noqa: E402
 from headstart.params import Params, load_params  # noqa: E402
 from headstart.reporting import markdown_table  # noqa: E402
@@ -113,11 +114,12 @@ def run_recipe(name: str, overrides: dict[str, Any], common: dict[str, Any], lay
 
 
 def markdown(rows: list[dict[str, Any]], head: dict[str, float], peak: float, command: str, params: Params) -> str:
+    effective = effective_settings(params)
     lines = [
         "## Fine-tuning recipes (bench/finetune_bench.py)",
         "",
         f"`{command}` on {describe_device()}, Keras {keras.__version__}: Fashion-MNIST, "
-        f"{params.download.max_images_per_class} images per class, {params.features.image_size} px, "
+        f"{effective.max_images_per_class} images per class, {effective.image_size} px, "
         f"{params.features.backbone}; every recipe starts from the same trained head (test accuracy "
         f"{head['accuracy']:.4f}). Recipes are the default params.yaml plus the overrides shown. "
         f"Float32 matmul peak measured in the same run: {peak:.0f} GFLOP/s. GFLOP/s counts the conv and "

@@ -24,6 +24,11 @@ class Layout:
         return self.root / "data" / "raw" / "manifest.csv"
 
     @property
+    def raw_sample(self) -> Path:
+        """Per class: images kept of those available, and the effective download.max_images_per_class."""
+        return self.root / "data" / "raw" / "sample.json"
+
+    @property
     def quarantine(self) -> Path:
         return self.root / "data" / "quarantine.csv"
 

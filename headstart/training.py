@@ -15,6 +15,7 @@ import tensorflow as tf
 from headstart.backbones.cuts import cut_points, resolve_unfreeze_index
 from headstart.backbones.loading import load_backbone
 from headstart.backbones.registry import Backbone
+from headstart.data.sources.presets import effective_settings
 from headstart.layout import Layout
 from headstart.model import build_augmentation, build_classifier, freeze_batch_norm, reseed
 from headstart.optimizers import block_scales, make_optimizer
@@ -126,8 +127,8 @@ def configure_trainable(model: keras.Model, backbone: Backbone, ft: FinetunePara
 def assemble(params: Params, layout: Layout) -> tuple[keras.Model, Backbone]:
     """The head-trained classifier: backbone (with its weights) composed with the saved head."""
     features = params.features
-    backbone = load_backbone(features.backbone, features.weights, features.image_size, layout.backbone_dir,
-                             allow_random=features.allow_random_weights)
+    backbone = load_backbone(features.backbone, features.weights, effective_settings(params).image_size,
+                             layout.backbone_dir, allow_random=features.allow_random_weights)
     head = keras.saving.load_model(layout.head_dir / "head.keras", compile=False, safe_mode=True)
     return build_classifier(backbone, head), backbone
 

@@ -21,8 +21,9 @@ from typing import Any
 
 from headstart.data.images import ImageError, inspect_image
 from headstart.data.sources.candidates import Candidate, DownloadError, one_class
+from headstart.data.sources.presets import effective_settings
 from headstart.data.sources.resolve import extract_root, resolve_candidates
-from headstart.files import atomic_directory, atomic_path, remove_stale_temps
+from headstart.files import atomic_directory, atomic_path, atomic_write_json, remove_stale_temps
 from headstart.layout import Layout
 from headstart.params import Params
 
@@ -95,13 +96,13 @@ def _check_classes(items: list[Accepted], minimum: int, layout: Layout) -> Count
         raise DownloadError(f"no usable images: every one was quarantined (reasons in {layout.quarantine})")
     if len(counts) < 2:
         raise DownloadError(one_class(next(iter(counts))))
-    reserved = layout.raw_manifest.name
-    if reserved in counts:
-        origin = next(item.candidate.origin for item in items if item.candidate.label == reserved)
-        raise DownloadError(
-            f"a class is named {reserved!r} (e.g. {origin}), which would collide with {layout.raw_manifest}: "
-            "rename that class folder"
-        )
+    for reserved in (layout.raw_manifest, layout.raw_sample):
+        if reserved.name in counts:
+            origin = next(item.candidate.origin for item in items if item.candidate.label == reserved.name)
+            raise DownloadError(
+                f"a class is named {reserved.name!r} (e.g. {origin}), which would collide with {reserved}: "
+                "rename that class folder"
+            )
     small = {label: n for label, n in sorted(counts.items()) if n < minimum}
     if small:
         listing = ", ".join(f"'{label}' has {n}" for label, n in small.items())
@@ -112,7 +113,7 @@ def _check_classes(items: list[Accepted], minimum: int, layout: Layout) -> Count
     return counts
 
 
-def _write_raw(items: list[Accepted], layout: Layout) -> list[dict[str, Any]]:
+def _write_raw(items: list[Accepted], layout: Layout, sample: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     with atomic_directory(layout.raw_dir) as staging:
         taken: set[str] = set()
@@ -134,6 +135,7 @@ def _write_raw(items: list[Accepted], layout: Layout) -> list[dict[str, Any]]:
                 "mode": item.mode, "source_split": candidate.source_split, "origin": candidate.origin,
             })
         _write_csv(staging / layout.raw_manifest.name, MANIFEST_COLUMNS, rows)
+        atomic_write_json(staging / layout.raw_sample.name, sample)
     return rows
 
 
@@ -144,23 +146,38 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
         writer.writerows(rows)
 
 
+def _sample_record(selected: list[Accepted], available: dict[str, int], per_class: int | None) -> dict[str, Any]:
+    kept = Counter(item.candidate.label for item in selected)
+    return {"max_images_per_class": per_class,
+            "per_class": {label: {"kept": kept[label], "available": available.get(label, kept[label])}
+                          for label in sorted(kept)}}
+
+
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     """Fetch, validate, de-duplicate and (optionally) sample the source into data/raw."""
     p = params.download
+    per_class = effective_settings(params).max_images_per_class
     started = time.perf_counter()
     remove_stale_temps(layout.raw_dir, layout.quarantine, extract_root(layout) / "*")
-    candidates, skipped, presampled = resolve_candidates(p, layout)
-    accepted, quarantined = _validate(candidates, p.max_image_pixels)
+    resolved = resolve_candidates(p, layout, per_class)
+    accepted, quarantined = _validate(resolved.candidates, p.max_image_pixels)
     kept, duplicates = _deduplicate(accepted)
-    quarantined += duplicates
+    quarantined = resolved.quarantined + quarantined + duplicates
     _write_csv(layout.quarantine, QUARANTINE_COLUMNS, quarantined)
-    selected = kept if presampled else _sample(kept, p.max_images_per_class, p.sample_seed)
+    presampled = resolved.available is not None
+    selected = kept if presampled else _sample(kept, per_class, p.sample_seed)
     counts = _check_classes(selected, p.min_images_per_class, layout)
-    rows = _write_raw(selected, layout)
+    sample = _sample_record(selected, resolved.available or Counter(item.candidate.label for item in kept), per_class)
+    rows = _write_raw(selected, layout, sample)
     summary = {
-        "images": len(rows), "classes": len(counts), "quarantined": len(quarantined), "skipped": skipped,
-        "seconds": round(time.perf_counter() - started, 2),
+        "images": len(rows), "classes": len(counts), "quarantined": len(quarantined), "skipped": resolved.skipped,
+        "unlisted": resolved.unlisted, "seconds": round(time.perf_counter() - started, 2),
     }
     log.info("download: %d images in %d classes; %d quarantined (see %s); %d non-image files skipped",
-             len(rows), len(counts), len(quarantined), layout.quarantine, skipped)
+             len(rows), len(counts), len(quarantined), layout.quarantine, resolved.skipped)
+    log.info("download: sampled per class (kept of available, download.max_images_per_class=%s): %s",
+             per_class, ", ".join(f"{label} {n['kept']}/{n['available']}" for label, n in sample["per_class"].items()))
+    if resolved.unlisted:
+        log.info("download: %d images in the source are not listed in %s and were left out",
+                 resolved.unlisted, p.labels)
     return summary

@@ -37,6 +37,7 @@ from headstart.data.datasets import image_dataset, resizing_layer
 from headstart.data.feature_cache import ShardCache, write_npz_streaming
 from headstart.data.images import DECODE_ID
 from headstart.data.manifest import SPLITS, read_split_manifest
+from headstart.data.sources.presets import effective_settings
 from headstart.data.views import AUGMENT_ID, augment, view_key, view_seed
 from headstart.files import (
     atomic_directory,
@@ -134,9 +135,9 @@ def _namespace(backbone: Backbone, mixed: bool) -> str:
     return f"{backbone.cache_id}|{DECODE_ID}" + ("|mixed_float16" if mixed else "")
 
 
-def _load_backbone(params: FeaturesParams, layout: Layout, mixed: bool) -> Backbone:
+def _load_backbone(params: FeaturesParams, image_size: int | None, layout: Layout, mixed: bool) -> Backbone:
     with mixed_precision(mixed):
-        return load_backbone(params.backbone, params.weights, params.image_size, layout.backbone_dir,
+        return load_backbone(params.backbone, params.weights, image_size, layout.backbone_dir,
                              allow_random=params.allow_random_weights)
 
 
@@ -203,7 +204,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     mixed = p.mixed_precision and bool(gpus)
     if p.mixed_precision and not gpus:
         log.warning("features.mixed_precision ignored: no GPU (float16 is slower than float32 on CPU)")
-    backbone = _load_backbone(p, layout, mixed)
+    backbone = _load_backbone(p, effective_settings(params).image_size, layout, mixed)
     namespace = _namespace(backbone, mixed)
     log.info("features: cache namespace %s, running on %s", namespace, "GPU" if gpus else "CPU")
     lap("backbone")

@@ -43,6 +43,7 @@ from headstart.data.artifacts import (
 )
 from headstart.data.datasets import cached_images
 from headstart.data.manifest import read_split_manifest
+from headstart.data.sources.presets import effective_settings
 from headstart.files import atomic_directory, remove_stale_temps, sha256_file
 from headstart.layout import Layout
 from headstart.model import require_trained_weights, reseed
@@ -70,7 +71,8 @@ def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
     exclude = {"enabled", "epochs"} if params.finetune.schedule == "constant" else {"enabled"}
     inputs = {
         "finetune": params.finetune.model_dump(exclude=exclude),
-        "features": params.features.model_dump(include={"backbone", "weights", "image_size"}),
+        "features": {**params.features.model_dump(include={"backbone", "weights"}),
+                     "image_size": effective_settings(params).image_size},
         "class_weight": params.train_head.class_weight,
         "weights_id": weights_id,
         "head": sha256_file(layout.head_dir / "head.keras"),

@@ -7,6 +7,11 @@ This keeps every class close to the requested fractions, sends identical content
 does not depend on file names, paths or machines. Images already assigned in the previous manifest
 (same salt and fractions) keep their split, and only new images are dealt, so adding images never
 moves an existing one.
+
+A source may ship its own split (train/ val/ test/ folders, a labels file's split column, Fashion-MNIST's
+t10k test set). With split.respect_existing_split auto (the default) or true, its val and test images
+stay there, and its train part is dealt among train and the splits it does not ship, in proportion to
+their fractions (train/ and test/ only: val is carved from train/ at val / (train + val)).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from headstart.files import atomic_path, atomic_write_json, remove_stale_temps
@@ -75,10 +81,31 @@ def _settings(params: SplitParams) -> dict[str, Any]:
             "respect_existing_split": params.respect_existing_split}
 
 
+def kept_source_splits(raw: pd.DataFrame, params: SplitParams) -> list[str]:
+    """The val/test splits the source ships and split.respect_existing_split keeps (train is the rest).
+
+    An image the source leaves unassigned counts as part of its train part (Fashion-MNIST's IDX train file).
+    """
+    shipped = set(raw["source_split"]) if "source_split" in raw.columns else set()
+    if params.respect_existing_split is True and not shipped - {""}:
+        raise SplitError(
+            "split.respect_existing_split=true keeps the split the source ships, but it ships none (no train/ "
+            "val/ test/ folders, no split column in download.labels, no official test set): set it to auto or false"
+        )
+    return [s for s in SPLITS[1:] if s in shipped] if params.respect_existing_split else []
+
+
 def assign_splits(raw: pd.DataFrame, params: SplitParams, previous: dict[tuple[str, str], str]) -> pd.Series:
-    """The split of every row of the raw manifest."""
+    """The split of every row of the raw manifest.
+
+    Images in a kept source split stay there; the others (the source's train part) are dealt among train
+    and the splits the source does not ship, in proportion to their fractions.
+    """
     fractions = {"train": params.train, "val": params.val, "test": params.test}
     required = {s for s, fraction in fractions.items() if fraction > 0}
+    kept_splits = kept_source_splits(raw, params)
+    active = {s: f for s, f in fractions.items() if s not in kept_splits}
+    active = {s: f / sum(active.values()) for s, f in active.items()}
     split = pd.Series("", index=raw.index, dtype=object)
     for label, group in raw.groupby("label", sort=True):
         kept = {i: previous[(label, sha)] for i, sha in group["sha256"].items() if (label, sha) in previous}
@@ -89,33 +116,30 @@ def assign_splits(raw: pd.DataFrame, params: SplitParams, previous: dict[tuple[s
         for i, value in kept.items():
             split[i] = value
         fresh = group.loc[[i for i in group.index if i not in kept]]
-        shipped_test = fresh["source_split"].eq("test") if params.respect_existing_split else pd.Series(False, index=fresh.index)
-        split[fresh.index[shipped_test.to_numpy()]] = "test"
-        dealt_rows = fresh[~shipped_test.to_numpy()]
-        counts = {s: int((split[group.index] == s).sum()) for s in SPLITS}
-        active = fractions
-        if params.respect_existing_split:
-            # test comes from the shipped split; train and val share the rest in their ratio
-            active = {"train": params.train / (params.train + params.val), "val": params.val / (params.train + params.val)}
-            counts.pop("test")
+        shipped = fresh["source_split"].isin(kept_splits).to_numpy() if kept_splits else np.zeros(len(fresh), bool)
+        split[fresh.index[shipped]] = fresh["source_split"][shipped]
+        dealt_rows = fresh[~shipped]
+        counts = {s: int((split[group.index] == s).sum()) for s in active}
         assignment = deal(dealt_rows["sha256"].tolist(), active, counts, params.salt)
         split[dealt_rows.index] = dealt_rows["sha256"].map(assignment)
     return split
 
 
-def _check_every_split_filled(manifest: pd.DataFrame, params: SplitParams) -> None:
+def _check_every_split_filled(manifest: pd.DataFrame, params: SplitParams, kept_splits: list[str]) -> None:
     """Stop, naming the class, when a split with a non-zero fraction got none of a class's images."""
     required = [s for s in SPLITS if getattr(params, s) > 0]
     for label, group in manifest.groupby("label"):
         empty = [s for s in required if not group["split"].eq(s).any()]
+        shipped_empty = [s for s in empty if s in kept_splits]
+        if shipped_empty:
+            raise SplitError(
+                f"class {label!r} has no image in the {' or '.join(shipped_empty)} split the source ships, and "
+                f"split.respect_existing_split={str(params.respect_existing_split).lower()} takes {shipped_empty[0]} images only "
+                f"from there: add {shipped_empty[0]} images for it to the source, or set "
+                "split.respect_existing_split=false."
+            )
         if not empty:
             continue
-        if params.respect_existing_split and empty == ["test"]:
-            raise SplitError(
-                f"class {label!r} has no image in the test split the dataset ships, and "
-                "split.respect_existing_split=true takes test images only from there: add test images "
-                "for it to the source, or set split.respect_existing_split=false."
-            )
         raise SplitError(
             f"class {label!r} has {len(group)} image(s), none for {' or '.join(empty)}: with split.val="
             f"{params.val:g} and split.test={params.test:g} every class needs at least {len(required)} "
@@ -144,8 +168,12 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     if raw["sha256"].duplicated().any():
         duplicated = raw.loc[raw["sha256"].duplicated(keep=False), "path"].tolist()[:5]
         raise SplitError(f"{layout.raw_manifest}: identical content listed twice ({duplicated}); rerun download")
+    kept_splits = kept_source_splits(raw, params.split)
+    if kept_splits:
+        log.info("split: keeping the source's %s split; the rest is dealt to %s", " and ".join(kept_splits),
+                 " and ".join(s for s in SPLITS if s not in kept_splits))
     manifest = raw.assign(split=assign_splits(raw, params.split, _previous_assignment(layout, params.split)))
-    _check_every_split_filled(manifest, params.split)
+    _check_every_split_filled(manifest, params.split, kept_splits)
     manifest = manifest[MANIFEST_COLUMNS].sort_values(["split", "label", "path"], kind="stable")
     with atomic_path(layout.split_manifest) as tmp:
         manifest.to_csv(tmp, index=False)

@@ -43,7 +43,7 @@ class Shape:
 SHAPES = {
     "two_classes": Shape({"ankle-boot": (9, 12), "bag": (8, 12)}),
     "two_classes_9_to_1": Shape({"ok": (1, 45), "defective": (0, 5)}),
-    "digit_and_NA_names": Shape({"0": (0, 10), "1": (1, 10), "NA": (7, 10)}),
+    "digit_NA_and_unicode_names": Shape({"0": (0, 10), "1": (1, 10), "NA": (7, 10), "café au lait": (3, 10)}),
     "three_images_in_a_class": Shape({"trouser": (1, 12), "sneaker": (7, 12), "bag": (8, 3)},
                                      params={"download": {"min_images_per_class": 3}}),
     "grayscale_only": Shape({"t-shirt": (0, 12), "trouser": (1, 12)}, mode="L"),
@@ -124,6 +124,10 @@ def test_predict_answers_with_the_folder_names_as_evaluate_did(tree, fmt):
     assert all(sorted(p["label"] for p in row["predictions"]) == folders for row in rows)
     top1 = [row["predictions"][0]["label"] for row in rows]
     assert top1 == list(_text_csv(layout.reports_dir / "confusion.csv")["predicted"])
+    out = io.StringIO()
+    assert predict.predict_inputs(model, paths[:2], len(folders), "csv", out, err) == 0
+    as_csv = pd.read_csv(io.StringIO(out.getvalue()), dtype=str, keep_default_na=False)
+    assert sorted(as_csv["label"]) == sorted(folders * 2)
 
 
 def test_every_class_is_in_val_and_test(tree):

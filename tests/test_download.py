@@ -25,7 +25,7 @@ from headstart.data.sources.archives import safe_extract
 from headstart.data.sources.candidates import DownloadError
 from headstart.data.sources.fetch import fetch_url, pin_file, url_cache_path
 from headstart.data.sources.folders import folder_candidates
-from headstart.data.sources.resolve import load_presets
+from headstart.data.sources.presets import load_presets
 from headstart.layout import Layout
 from headstart.params import load_params
 from tasks import download
@@ -362,14 +362,17 @@ def test_sampling_is_seeded_and_per_class(tmp_path, small_dataset):
 # --------------------------------------------------------------------------- dataset shapes (issue 10)
 
 
-def test_presplit_tree_is_refused_not_read_as_classes(tmp_path, small_dataset):
+def test_presplit_tree_keeps_its_split_not_read_as_classes(tmp_path, small_dataset):
     tree = tmp_path / "presplit"
     for path in small_dataset.rglob("*.png"):
         split_name = "test" if int(path.stem) > 15 else "train"
         (tree / split_name / path.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, tree / split_name / path.parent.name / path.name)
-    with pytest.raises(DownloadError, match=r"looks split already \(test/, train/ hold class folders\)"):
-        _run(tmp_path, source=str(tree), max_images_per_class=None)
+    _, layout = _run(tmp_path, source=str(tree))
+    manifest = pd.read_csv(layout.raw_manifest, dtype=str, keep_default_na=False)
+    assert sorted(manifest["label"].unique()) == ["pullover", "t-shirt", "trouser"]
+    expected = ["test" if int(Path(origin).stem) > 15 else "train" for origin in manifest["origin"]]
+    assert list(manifest["source_split"]) == expected
 
 
 def test_one_class_gets_its_own_message(tmp_path, small_dataset):

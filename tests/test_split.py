@@ -191,7 +191,7 @@ def test_respect_existing_split_names_a_class_the_shipped_test_set_lacks(tmp_pat
     params = load_params(tmp_path / "absent.yaml", overrides)
     layout = Layout(tmp_path / "p")
     download.run(params, layout)
-    with pytest.raises(split.SplitError, match="class '2' has no image in the test split the dataset ships"):
+    with pytest.raises(split.SplitError, match="class '2' has no image in the test split the source ships"):
         split.run(params, layout)
 
 

@@ -1,4 +1,5 @@
-"""Labelled candidates from a folder of class sub-folders (or a preset's file-name labelling)."""
+"""Labelled candidates from a folder of class sub-folders, possibly inside train/ val/ test/ split folders
+(or a preset's file-name labelling)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from headstart.data.images import is_candidate_image
 from headstart.data.sources.candidates import Candidate, DownloadError, one_class
 
 
-def _dataset_root(folder: Path) -> Path:
+def dataset_root(folder: Path) -> Path:
     """Descend through wrapper folders (an archive's single top folder) to the class folders."""
     while True:
         entries = [p for p in folder.iterdir() if not p.name.startswith((".", "__MACOSX"))]
@@ -22,24 +23,28 @@ def _dataset_root(folder: Path) -> Path:
 
 
 def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tuple[list[Candidate], int]:
-    """Labelled candidates under `folder` and the number of files skipped (hidden or not images)."""
+    """Labelled candidates under `folder` and the number of files skipped (hidden, not images or unlabelled).
+
+    Class folders may sit inside split folders (train/, val/ or valid/ or validation/, test/): the split
+    is kept as each candidate's `source_split`.
+    """
     preset = preset or {}
     label_from = preset.get("label_from", "folder")
     excluded = set(preset.get("exclude_classes", []))
-    root = _dataset_root(folder)
-    if label_from == "folder":
-        _refuse_presplit(root)
+    root = dataset_root(folder)
+    splits = _split_folders(root) if label_from == "folder" else {}
     candidates, skipped = [], 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
         if any(part.startswith(".") or part == "__MACOSX" for part in relative.parts) or not is_candidate_image(path):
             skipped += 1
             continue
-        label = _label_for(relative, label_from, preset)
+        source_split = splits.get(relative.parts[0], "")
+        label = _label_for(Path(*relative.parts[1:]) if source_split else relative, label_from, preset)
         if label is None or label in excluded:
             skipped += 1
             continue
-        candidates.append(Candidate(label=label, name=path.name, origin=str(path), path=path))
+        candidates.append(Candidate(label=label, name=path.name, origin=str(path), path=path, source_split=source_split))
     if not candidates:
         if root != folder and any(is_candidate_image(p) for p in root.iterdir() if p.is_file()):
             raise DownloadError(f"{folder}: {one_class(root.name)}")  # the wrapper folders led into a class
@@ -47,22 +52,50 @@ def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tup
             f"{folder}: no labelled images found. Expected class sub-folders of images "
             f"(e.g. {folder / 'cat' / '1.jpg'}), an archive, or IDX files."
         )
+    if splits:
+        _check_train_holds_every_class(root, splits, candidates)
     return candidates, skipped
 
 
-PRESPLIT_NAMES = {"train", "test", "val", "valid", "validation"}
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def _refuse_presplit(root: Path) -> None:
-    """A tree of train/<class>, test/<class>... would give classes named train and test; refuse it."""
-    splits = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in PRESPLIT_NAMES]
-    if len(splits) >= 2 and any(child.is_dir() for split in splits for child in split.iterdir()):
-        names = ", ".join(sorted(f"{p.name}/" for p in splits))
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+
+
+def _split_folders(root: Path) -> dict[str, str]:
+    """Folder name -> split for a tree of train/<class>, val/<class>, test/<class>; {} for class folders.
+
+    A split name holding images rather than class folders is a class (e.g. a class called "test").
+    """
+    dirs = _visible_dirs(root)
+    splits = {p.name: SPLIT_FOLDERS[p.name.lower()] for p in dirs
+              if p.name.lower() in SPLIT_FOLDERS and _visible_dirs(p)}
+    others = [f"{p.name}/" for p in dirs if p.name not in splits]
+    if splits and others:
         raise DownloadError(
-            f"{root}: looks split already ({names} hold class folders), and headstart makes its own split. "
-            f"Merge them into one folder per class (e.g. {root / 'cat'} with the cat images of every split) "
-            "and point download.source at the merged folder."
+            f"{root}: split folders ({', '.join(f'{name}/' for name in splits)}) sit beside other folders "
+            f"({', '.join(others)}). A pre-split source holds only train/, val/ (or valid/, validation/) and "
+            f"test/, each with one folder per class (e.g. {root / 'train' / 'cat'}); a plain source holds only "
+            f"class folders. Move {', '.join(others)} into the split folders, or out of {root}."
         )
+    return splits
+
+
+def _check_train_holds_every_class(root: Path, splits: dict[str, str], candidates: list[Candidate]) -> None:
+    """A class met only in val/ or test/ could never be learned: name it rather than train without it."""
+    trained = {c.label for c in candidates if c.source_split == "train"}
+    folders = {split: name for name, split in splits.items()}
+    for candidate in candidates:
+        if candidate.label not in trained:
+            where = Path(candidate.origin).relative_to(root).parts[0]
+            train = folders.get("train", "train")
+            raise DownloadError(
+                f"{root}: class {candidate.label!r} has images in {where}/ but none in {train}/, so the model "
+                f"could never learn it. Add its training images under {root / train / candidate.label}, or "
+                f"remove {root / where / candidate.label}."
+            )
 
 
 def _label_for(relative: Path, label_from: str, preset: dict[str, Any]) -> str | None:

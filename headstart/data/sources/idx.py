@@ -42,13 +42,15 @@ def find_idx(folder: Path, prefix: str, kind: str) -> Path | None:
 
 def idx_candidates(
     folder: Path, classes: list[str] | None, per_class: int | None, seed: int
-) -> list[Candidate]:
-    """Images of `train-*` and `t10k-*` IDX pairs as PNG candidates; t10k marked as the shipped test split.
+) -> tuple[list[Candidate], int, dict[str, int]]:
+    """Images of `train-*` and `t10k-*` IDX pairs as PNG candidates (t10k marked as the shipped test split),
+    no files skipped, and each class's image count before sampling.
 
     Sampling happens before PNG encoding (ranked by a seeded hash of the pixels) so a small default
     run does not encode 70,000 images.
     """
     candidates: list[Candidate] = []
+    available: dict[str, int] = {}
     pairs = [(prefix, split) for prefix, split in (("train", ""), ("t10k", "test")) if find_idx(folder, prefix, "images")]
     if not pairs:
         raise DownloadError(f"{folder}: no IDX files found (expected train-images-idx3-ubyte[.gz] and labels)")
@@ -68,6 +70,7 @@ def idx_candidates(
             raise DownloadError(f"{folder}: label {label} has no class name in the preset ({len(classes)} names)")
         chosen = sorted(items, key=lambda item: item[0])[:per_class] if per_class else items
         name = classes[label] if classes else str(label)
+        available[name] = len(items)
         for _, image, split, index in chosen:
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, format="PNG")
@@ -76,7 +79,7 @@ def idx_candidates(
                 Candidate(label=name, name=f"{prefix}-{index:05d}.png", origin=f"{folder}/{prefix}#{index}",
                           data=buffer.getvalue(), source_split=split)
             )
-    return candidates
+    return candidates, 0, available
 
 
 # --------------------------------------------------------------------------- resolving a source

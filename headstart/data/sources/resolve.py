@@ -2,43 +2,56 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from headstart.data.sources.archives import archive_format, safe_extract
 from headstart.data.sources.candidates import Candidate, DownloadError
 from headstart.data.sources.fetch import fetch_url, pin_file, pin_first_use, url_cache_path
 from headstart.data.sources.folders import folder_candidates
 from headstart.data.sources.idx import find_idx, idx_candidates
+from headstart.data.sources.labels import find_labels_file, labelled_images
+from headstart.data.sources.presets import load_presets
 from headstart.files import sha256_file
 from headstart.layout import Layout
 from headstart.params import DownloadParams
-
-PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
-
-
-def load_presets() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load(PRESETS_FILE.read_text())
 
 
 def _is_url(source: str) -> bool:
     return "://" in source
 
 
-def resolve_candidates(params: DownloadParams, layout: Layout) -> tuple[list[Candidate], int, bool]:
-    """Candidates for `download.source`, files skipped, and whether sampling already happened."""
+@dataclass
+class Resolved:
+    """A source's candidates, the files skipped (hidden, not images, unlabelled), the per-class counts
+    before sampling when the source sampled itself (IDX), label-file rows that cannot be used and the
+    images a label file leaves out."""
+
+    candidates: list[Candidate]
+    skipped: int = 0
+    available: dict[str, int] | None = None
+    quarantined: list[dict[str, str]] = field(default_factory=list)
+    unlisted: int = 0
+
+
+def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | None) -> Resolved:
+    """Candidates for `download.source`; `per_class` is the effective download.max_images_per_class."""
     presets = load_presets()
     source = params.source
+    if params.labels is not None and (source in presets or _is_idx(Path(source).expanduser())):
+        raise DownloadError(
+            f"download.labels={params.labels!r} labels a folder or archive source, but download.source "
+            f"{source!r} names its own labels: set download.labels to null"
+        )
     if source in presets:
         preset = presets[source]
         if preset["kind"] == "idx":
             folder = _idx_folder(source, preset, params, layout)
-            return idx_candidates(folder, preset.get("classes"), params.max_images_per_class, params.sample_seed), 0, True
-        return (*_url_candidates(preset["url"], preset.get("sha256"), preset, params, layout), False)
+            return Resolved(*idx_candidates(folder, preset.get("classes"), per_class, params.sample_seed))
+        return _url_candidates(preset["url"], preset.get("sha256"), preset, params, layout)
     if _is_url(source):
-        return (*_url_candidates(source, params.sha256, {}, params, layout), False)
+        return _url_candidates(source, params.sha256, {}, params, layout)
     path = Path(source).expanduser()
     if not path.exists():
         raise DownloadError(
@@ -50,10 +63,22 @@ def resolve_candidates(params: DownloadParams, layout: Layout) -> tuple[list[Can
                                 "(.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")
         if params.sha256 and sha256_file(path) != params.sha256:
             raise DownloadError(f"{path}: sha256 does not match download.sha256={params.sha256}")
-        return (*folder_candidates(_extract(path, {}, params, layout)), False)
-    if find_idx(path, "train", "images") or find_idx(path, "t10k", "images"):
-        return idx_candidates(path, None, params.max_images_per_class, params.sample_seed), 0, True
-    return (*folder_candidates(path), False)
+        return _labelled(_extract(path, {}, params, layout), {}, params, layout)
+    if _is_idx(path):
+        return Resolved(*idx_candidates(path, None, per_class, params.sample_seed))
+    return _labelled(path, {}, params, layout)
+
+
+def _is_idx(path: Path) -> bool:
+    return path.is_dir() and bool(find_idx(path, "train", "images") or find_idx(path, "t10k", "images"))
+
+
+def _labelled(folder: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Resolved:
+    """Labels from download.labels when set, else from the class folders."""
+    if params.labels is None:
+        return Resolved(*folder_candidates(folder, preset))
+    found = labelled_images(find_labels_file(params.labels, layout.root, folder), folder)
+    return Resolved(found.candidates, quarantined=found.quarantined, unlisted=found.unlisted)
 
 
 def _idx_folder(name: str, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Path:
@@ -68,7 +93,7 @@ def _idx_folder(name: str, preset: dict[str, Any], params: DownloadParams, layou
 
 def _url_candidates(
     url: str, sha256: str | None, preset: dict[str, Any], params: DownloadParams, layout: Layout
-) -> tuple[list[Candidate], int]:
+) -> Resolved:
     """Fetch and extract an archive URL; a download without a known digest is pinned only once it has
     extracted, and deleted when it does not, so an error page never becomes the trusted file."""
     dest = url_cache_path(layout.downloads_dir, url)
@@ -85,7 +110,7 @@ def _url_candidates(
         ) from None
     if not trusted:
         pin_first_use(archive)
-    return folder_candidates(folder, preset)
+    return _labelled(folder, preset, params, layout)
 
 
 def _extract(archive: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Path:
