@@ -178,6 +178,10 @@ class EvaluateParams(_Section):
     tta_flip: bool = Field(
         False, description="Average each prediction with its mirror image's; export builds it into the model too."
     )
+    gradcam_per_class: int = Field(2, ge=0, le=64, description="Correct test images per class in the Grad-CAM "
+                                   "figure, after the mistakes' gallery; 0 turns the figure off.")
+    gradcam_layer: str | None = Field(None, description="Backbone layer Grad-CAM explains; null: the last conv "
+                                      "block's map, which the classifier pools.")
 
 
 class ExportParams(_Section):
