@@ -199,6 +199,10 @@ class EvaluateParams(_Section):
         True, description="Fit a softmax temperature on the val split; evaluate scores and export serves the scaled model."
     )
     calibration_bins: int = Field(15, ge=1, le=1000, description="Equal-width confidence bins of the ECE and diagram.")
+    gradcam_per_class: int = Field(2, ge=0, le=64, description="Correct test images per class in the Grad-CAM "
+                                   "figure, after the mistakes' gallery; 0 turns the figure off.")
+    gradcam_layer: str | None = Field(None, description="Backbone layer Grad-CAM explains; null: the last conv "
+                                      "block's map, which the classifier pools.")
 
 
 class ExportParams(_Section):

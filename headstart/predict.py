@@ -213,8 +213,11 @@ def _chunks(sources: Iterable[Source], size: int) -> Iterator[list[Source]]:
 
 
 def predict_inputs(predictor: Predictor, inputs: Sequence[str], k: int, fmt: str, stdout: IO[str], stderr: IO[str],
-                   max_bytes: int = 20 * 2**20, timeout_s: float = 30.0) -> int:
-    """Predict every input, one stderr line per failure; returns the number of failures."""
+                   max_bytes: int = 20 * 2**20, timeout_s: float = 30.0,
+                   explain: Callable[[list[str], list[np.ndarray], np.ndarray], None] | None = None) -> int:
+    """Predict every input, one stderr line per failure; returns the number of failures.
+
+    `explain` gets each chunk's names, images and probabilities (`headstart predict --explain`)."""
     failures = 0
 
     def report(name: str, reason: str) -> None:
@@ -232,8 +235,11 @@ def predict_inputs(predictor: Predictor, inputs: Sequence[str], k: int, fmt: str
             except (ImageError, FetchError, InputError, OSError) as exc:
                 report(source.name, str(exc))
         if images:
-            for name, probs in zip(names, predictor.predict(images), strict=True):
-                writer.add(name, top_k(probs, predictor.classes, k))
+            probs = predictor.predict(images)
+            for name, row in zip(names, probs, strict=True):
+                writer.add(name, top_k(row, predictor.classes, k))
+            if explain is not None:
+                explain(names, images, probs)
     writer.close()
     return failures
 
@@ -242,6 +248,11 @@ def main(args: argparse.Namespace) -> int:
     """CLI entry: exit 0 when every input was predicted, 1 when any failed."""
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    explain = None
+    if args.explain is not None:  # first: a model Grad-CAM cannot explain is refused before any prediction
+        from headstart.explain import overlay_writer
+
+        explain = overlay_writer(Path(args.model), args.explain_layer, Path(args.explain))
     predictor = load_predictor(args.model)
     if predictor.image_size is None:
         print(f"headstart predict: warning: no {MODEL_CARD} beside {args.model}, so its input size is "
@@ -250,5 +261,7 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
     k = min(args.top_k, len(predictor.classes))
     failures = predict_inputs(predictor, args.inputs, k, args.format, sys.stdout, sys.stderr,
-                              max_bytes=args.max_bytes, timeout_s=args.timeout)
+                              max_bytes=args.max_bytes, timeout_s=args.timeout, explain=explain)
+    if explain is not None:
+        print(f"headstart predict: wrote {len(explain.written)} Grad-CAM overlays to {args.explain}", file=sys.stderr)
     return 1 if failures else 0

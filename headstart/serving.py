@@ -84,7 +84,8 @@ def read_input_size(model_path: Path) -> int | None:
     return None
 
 
-def _group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+def group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    """Image shape -> the indices of the images of that shape (a model runs one shape per batch)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
         groups.setdefault(image.shape, []).append(index)
@@ -108,7 +109,7 @@ class Predictor:
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, classes) float32 probabilities, in the order of `images`."""
         out = np.zeros((len(images), len(self.classes)), dtype=np.float32)
-        for indices in _group_by_shape(images).values():
+        for indices in group_by_shape(images).values():
             probs = self._run_batch(np.stack([images[i] for i in indices]))
             if probs.shape[-1] != len(self.classes):
                 raise ModelFormatError(

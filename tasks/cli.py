@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     predict.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest URL download (default: 20 MiB)")
     predict.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per URL (default: 30)")
+    predict.add_argument("--explain", metavar="DIR", default=None,
+                         help="write a Grad-CAM overlay PNG per image into DIR (needs the .keras model)")
+    predict.add_argument("--explain-layer", metavar="LAYER", default=None,
+                         help="backbone layer to explain (default: the last conv block)")
     return parser
 
 

@@ -37,12 +37,14 @@ from headstart.data.artifacts import (
 )
 from headstart.data.datasets import image_dataset
 from headstart.data.manifest import read_split_manifest
+from headstart.explain import GradCam, gradcam_examples, plot_gradcam
 from headstart.files import atomic_write_json, atomic_write_text
 from headstart.layout import Layout
 from headstart.metrics import classification_metrics, per_class_report
 from headstart.model import flip_tta_passes, with_flip_tta
 from headstart.params import EvaluateParams, Params
 from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
+from headstart.serving import serving_model
 from headstart.uncertainty import Intervals, bootstrap_intervals, format_interval, write_predictions
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info:
 
 
 def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, confusions: pd.DataFrame,
-                 worst: pd.DataFrame, info: ModelInfo, gate: str, calibration: str) -> None:
+                 worst: pd.DataFrame, info: ModelInfo, gate: str, calibration: str, gradcam: bool = False) -> None:
     summary = []
     compared = [("final", metrics), ("final without flip TTA", metrics.get("without_tta", {})),
                 ("head only", metrics["head"])]
@@ -129,6 +131,8 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
         "",
         "![Misclassified test images](figures/misclassified.png)",
         "",
+        *(["![Grad-CAM: where the model looked (mistakes, then correct examples per class)](figures/gradcam.png)",
+           ""] if gradcam else []),
     ]
     atomic_write_text(target, "\n".join(text))
 
@@ -218,6 +222,23 @@ def _write_test_reports(layout: Layout, p: EvaluateParams, test: pd.DataFrame, p
     return report, confusions, worst
 
 
+def _write_gradcam(params: Params, layout: Layout, info: ModelInfo, test: pd.DataFrame, probs: np.ndarray,
+                   worst: pd.DataFrame) -> bool:
+    """reports/figures/gradcam.png for the model export serves (raw images in); False when turned off."""
+    p = params.evaluate
+    target = layout.reports_dir / "figures" / "gradcam.png"
+    if not p.gradcam_per_class:
+        target.unlink(missing_ok=True)
+        return False
+    path = layout.finetune_dir / "model.keras"
+    plain = load_model(path, "finetune")
+    model = serving_model(with_flip_tta(plain) if p.tta_flip else plain, info.image_size, info.interpolation)
+    examples = gradcam_examples(test, probs, worst, p.gradcam_per_class)
+    plot_gradcam(GradCam(model, p.gradcam_layer, source=path), examples, info.classes, layout.root, info.image_size,
+                 target)
+    return True
+
+
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.evaluate
     info = read_model_info(layout)
@@ -233,8 +254,10 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         metrics[split]["ci95"] = found.as_metrics()
     report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes,
                                                     intervals.get("test"))
+    gradcam = _write_gradcam(params, layout, info, rows["test"], final_probs["test"], worst)
     passed, gate = _gate(metrics, p.assert_min_accuracy)
-    write_report(layout.reports_dir / "evaluation.md", metrics, report, confusions, worst, info, gate, calibration)
+    write_report(layout.reports_dir / "evaluation.md", metrics, report, confusions, worst, info, gate, calibration,
+                 gradcam)
     atomic_write_json(layout.metrics_file, metrics)
     if not passed:
         raise QualityGateError(
