@@ -67,6 +67,8 @@ def test_keras_export_is_safe_mode_loadable_and_serves_the_calibrated_training_p
     assert temperature != pytest.approx(1, abs=1e-3)
     expected = softmax(np.log(uncalibrated.astype(np.float64)) / temperature, axis=1)
     np.testing.assert_allclose(model.predict(raw, verbose=0), expected, atol=1e-5)
+    # called directly, without training=False, it serves the same (BatchNorm on its moving statistics)
+    np.testing.assert_allclose(np.asarray(model(raw)), expected, atol=1e-5)
     assert np.abs(expected - uncalibrated).max() > 1e-3  # the check would notice a missing temperature
 
 
