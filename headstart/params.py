@@ -172,7 +172,7 @@ class LrFindParams(_Section):
 
 
 class AuditParams(_Section):
-    """Data audits on the cached features (headstart/audit.py); thresholds measured in docs/benchmarks.md."""
+    """Data audits on the cached features; the defaults are measured in headstart/audit.py's docstring."""
 
     near_duplicate_threshold: float = Field(
         0.96, gt=0, le=1, description="Cosine similarity of pooled features at which a val/test image counts as a "
