@@ -70,6 +70,24 @@ class Layout:
     def head_dir(self) -> Path:
         return self.root / "models" / "head"
 
+    # audit
+    @property
+    def audit_metrics(self) -> Path:
+        return self.root / "reports" / "audit.json"
+
+    @property
+    def leakage_csv(self) -> Path:
+        return self.root / "reports" / "leakage.csv"
+
+    @property
+    def suspect_labels_csv(self) -> Path:
+        return self.root / "reports" / "suspect_labels.csv"
+
+    @property
+    def audit_figures_dir(self) -> Path:
+        """Not reports/figures: that folder is evaluate's DVC out, which DVC empties before evaluate runs."""
+        return self.root / "reports" / "audit"
+
     # finetune
     @property
     def finetune_dir(self) -> Path:

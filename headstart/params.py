@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("download", "split", "features", "train_head", "finetune", "evaluate", "export")
+STAGES = ("download", "split", "features", "train_head", "audit", "finetune", "evaluate", "export")
 TOOLS = ("lr_find",)  # run like a stage (same params and layout), outside the pipeline
 
 
@@ -184,6 +184,23 @@ class LrFindParams(_Section):
         return self
 
 
+class AuditParams(_Section):
+    """Data audits on the cached features; the defaults are measured in headstart/audit.py's docstring."""
+
+    near_duplicate_threshold: float = Field(
+        0.96, gt=0, le=1, description="Cosine similarity of pooled features at which a val/test image counts as a "
+        "copy of a train image."
+    )
+    leakage_gallery_size: int = Field(16, ge=0, le=256, description="Near-duplicate pairs shown in the figure.")
+    folds: int = Field(5, ge=2, le=50, description="Stratified folds of the out-of-fold mislabel search.")
+    epochs: int = Field(10, ge=1, description="Epochs per fold of train_head's head (its optimiser and class weights).")
+    suspect_below: float = Field(
+        0.05, gt=0, lt=1, description="Count train images whose given label gets an out-of-fold probability below this."
+    )
+    suspect_gallery_size: int = Field(16, ge=0, le=256, description="Most suspect train images shown in the figure.")
+    seed: int = 0
+
+
 class EvaluateParams(_Section):
     top_k: int = Field(3, ge=1)
     assert_min_accuracy: float | None = Field(None, ge=0, le=1, description="Fail the stage below this test accuracy.")
@@ -224,6 +241,7 @@ class Params(_Section):
     train_head: TrainHeadParams = TrainHeadParams()
     finetune: FinetuneParams = FinetuneParams()
     lr_find: LrFindParams = LrFindParams()
+    audit: AuditParams = AuditParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 

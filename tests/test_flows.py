@@ -220,7 +220,7 @@ def test_stage_declarations_come_from_dvc_yaml(tmp_path: Path) -> None:
         stage_key(read_stage_specs(broken)["split"], load_params(NO_FILE), tmp_path)
 
 
-TINY = {**FAST, "features.image_size": 32, "train_head.epochs": 1, "finetune.epochs": 1,
+TINY = {**FAST, "features.image_size": 32, "train_head.epochs": 1, "audit.epochs": 1, "finetune.epochs": 1,
         "evaluate.gallery_size": 4, "export.formats": ["keras"], "export.representative_samples": 8}
 """The whole pipeline in about a minute on 2 cores: packaged MobileNetV2 at 32 px, one epoch each."""
 

@@ -123,6 +123,14 @@ def load_split(path: Path, num_classes: int, feature_dim: int) -> tuple[np.ndarr
     return features, labels
 
 
+def load_split_paths(path: Path) -> np.ndarray:
+    """The manifest path of each row of a features .npz, in row order (as the features stage wrote them)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the features stage first (headstart features)")
+    with np.load(path, allow_pickle=False) as data:
+        return data["path"].astype(str)
+
+
 def class_weights(spec: str | dict[str, float], labels: np.ndarray, classes: list[str]) -> dict[int, float] | None:
     """Keras `class_weight` from params: none, balanced (n / (C * count) on the train split) or per class name.
 

@@ -1,0 +1,93 @@
+"""audit stage: near-duplicates of train images in val/test, and likely mislabelled train images.
+
+Reads only the cached features (plus the raw images for the figures), so it runs beside
+train_head and is not rerun when fine-tuning changes. The methods are in headstart/audit.py.
+Outputs: reports/leakage.csv, reports/suspect_labels.csv, reports/audit/{leakage,suspect_labels}.png
+and the counts in reports/audit.json (a DVC metrics file).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from headstart.audit import (
+    SplitRows,
+    leakage_table,
+    out_of_fold_probabilities,
+    plot_leakage,
+    plot_suspects,
+    suspect_table,
+)
+from headstart.data.artifacts import load_split, load_split_paths, read_features_info
+from headstart.data.manifest import read_split_manifest
+from headstart.files import atomic_path, atomic_write_json
+from headstart.layout import Layout
+from headstart.params import Params
+
+log = logging.getLogger(__name__)
+
+
+class AuditError(ValueError):
+    """Cached features that do not match the split manifest; the message says what to rerun."""
+
+
+def _rows(layout: Layout, split: str, classes: list[str], dim: int, manifest_paths: set[str]) -> SplitRows:
+    npz = layout.features_dir / f"{split}.npz"
+    features, labels = load_split(npz, len(classes), dim)
+    paths = load_split_paths(npz)
+    if set(paths) != manifest_paths:
+        raise AuditError(f"{npz} does not hold the {split} split of {layout.split_manifest}: rerun the features stage")
+    return SplitRows(split, features, labels, paths)
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    p = params.audit
+    info = read_features_info(layout)
+    manifest = read_split_manifest(layout.split_manifest)
+    splits = {name: _rows(layout, name, info.classes, info.feature_dim,
+                          set(manifest.loc[manifest["split"] == name, "path"])) for name in ("train", "val", "test")}
+    train = splits["train"]
+
+    started = time.perf_counter()
+    leakage = leakage_table([splits["val"], splits["test"]], train, info.classes, p.near_duplicate_threshold)
+    leakage_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    probs, folds = out_of_fold_probabilities(train.features, train.labels, info.classes, params.train_head,
+                                             p.folds, p.epochs, p.seed)
+    suspects = suspect_table(probs, train, info.classes)
+    suspect_seconds = time.perf_counter() - started
+
+    layout.audit_figures_dir.mkdir(parents=True, exist_ok=True)
+    for frame, target in ((leakage, layout.leakage_csv), (suspects, layout.suspect_labels_csv)):
+        with atomic_path(target, suffix=".csv") as tmp:
+            frame.to_csv(tmp, index=False)
+    plot_leakage(leakage.head(p.leakage_gallery_size), layout.root, layout.audit_figures_dir / "leakage.png")
+    plot_suspects(suspects.head(p.suspect_gallery_size), layout.root, layout.audit_figures_dir / "suspect_labels.png")
+
+    images = leakage.drop_duplicates(["split", "path"])["split"].value_counts()
+    metrics = {
+        "near_duplicates": {
+            "threshold": p.near_duplicate_threshold,
+            "count": int(images.sum()),  # val/test images with at least one train near-duplicate
+            "pairs": len(leakage),
+            **{split: int(images.get(split, 0)) for split in ("val", "test")},
+            "seconds": round(leakage_seconds, 3),
+        },
+        "suspect_labels": {
+            "below": p.suspect_below,
+            "count": int((suspects["p_label"] < p.suspect_below).sum()),
+            "scored": len(suspects),
+            "folds": folds,
+            "epochs": p.epochs,
+            "seconds": round(suspect_seconds, 3),
+        },
+    }
+    atomic_write_json(layout.audit_metrics, metrics)
+    log.info("audit: %d val/test image(s) nearly duplicate a train image; %d of %d train labels have "
+             "out-of-fold probability < %g", metrics["near_duplicates"]["count"], metrics["suspect_labels"]["count"],
+             len(suspects), p.suspect_below)
+    return metrics
+
