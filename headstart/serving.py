@@ -43,7 +43,9 @@ def serving_model(classifier: keras.Model, image_size: int, interpolation: str) 
     """Raw uint8 RGB of any size in, class probabilities out; built-in layers only (safe-mode loadable)."""
     image = keras.Input((None, None, 3), dtype="uint8", name=INPUT_NAME)
     x = layers.Rescaling(1.0, name="to_float32")(image)  # Rescaling casts to its float32 compute dtype
-    x = resizing_layer(image_size, interpolation)(x)
+    # training=False pinned: Resizing's call defaults to training=True, and as the first layer with a training
+    # argument it would set it for everything after it, so `model(x)` would run BatchNorm on batch statistics
+    x = resizing_layer(image_size, interpolation)(x, training=False)
     return keras.Model(image, classifier(x), name="headstart_classifier")
 
 

@@ -187,8 +187,6 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     # the model evaluate scored: with flip test-time augmentation when evaluate.tta_flip is on
     model = serving_model(with_flip_tta(classifier) if params.evaluate.tta_flip else classifier, image_size,
                           info.interpolation)
-    # frozen for serving: `model(x)` without `training=False` would otherwise run BatchNorm on batch statistics
-    model.trainable = False
     images, labels = _test_images(layout, classes, image_size)
     reference = _predict_all(Predictor(keras_runner(model), classes, "keras"), images)
 
