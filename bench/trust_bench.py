@@ -3,7 +3,8 @@
 The baseline is the final model's prediction of the val and test images (what evaluate did before the
 additions). Each addition is timed with the library call the stage makes: bootstrap intervals (and the
 1,000 scikit-learn calls they replace), temperature scaling with ECE and the reliability figure,
-the Grad-CAM grid, the near-duplicate search and the out-of-fold suspect search.
+the Grad-CAM grid, the near-duplicate search and the out-of-fold suspect search. It then flips a few
+train labels at random and reports where the suspect search ranks them.
 
     .venv/bin/python bench/trust_bench.py --root . [--write-docs]
 """
@@ -25,7 +26,7 @@ import pandas as pd  # noqa: E402
 from docs_section import write_section  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score, recall_score  # noqa: E402
 
-from headstart.audit import SplitRows, leakage_table, out_of_fold_probabilities  # noqa: E402
+from headstart.audit import SplitRows, leakage_table, out_of_fold_probabilities, suspect_table  # noqa: E402
 from headstart.calibration import fit_temperature, split_scores, write_reliability  # noqa: E402
 from headstart.data.artifacts import (  # noqa: E402
     load_model,
@@ -37,7 +38,7 @@ from headstart.data.artifacts import (  # noqa: E402
 from headstart.data.manifest import read_split_manifest  # noqa: E402
 from headstart.explain import GradCam, gradcam_examples, plot_gradcam  # noqa: E402
 from headstart.layout import Layout  # noqa: E402
-from headstart.params import load_params  # noqa: E402
+from headstart.params import Params, load_params  # noqa: E402
 from headstart.serving import serving_model  # noqa: E402
 from headstart.uncertainty import bootstrap_intervals  # noqa: E402
 from tasks.evaluate import predict_images  # noqa: E402
@@ -59,9 +60,23 @@ def _sklearn_bootstrap(labels: np.ndarray, predicted: np.ndarray, resamples: int
         recall_score(labels[index], predicted[index], average=None, zero_division=0)
 
 
+def _planted_flip_ranks(train: SplitRows, classes: list[str], params: Params, flips: int) -> np.ndarray:
+    """Ranks in the suspect list of `flips` train images given a random wrong label (1 = most suspect)."""
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(len(train.labels), flips, replace=False)
+    labels = train.labels.copy()
+    labels[chosen] = (labels[chosen] + rng.integers(1, len(classes), flips)) % len(classes)
+    a = params.audit
+    probs, _ = out_of_fold_probabilities(train.features, labels, classes, params.train_head, a.folds, a.epochs, a.seed)
+    suspects = suspect_table(probs, SplitRows(train.name, train.features, labels, train.paths), classes)
+    rank = dict(zip(suspects["path"], suspects["rank"], strict=True))
+    return np.sort([rank[path] for path in train.paths[chosen]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--flips", type=int, default=20, help="train labels flipped for the suspect-rank check")
     parser.add_argument("--write-docs", action="store_true", help="replace the section in docs/benchmarks.md")
     args = parser.parse_args()
     root = args.root.resolve()
@@ -125,18 +140,25 @@ def main() -> None:
     seconds, _ = _timed(lambda: out_of_fold_probabilities(train.features, train.labels, classes, params.train_head,
                                                           a.folds, a.epochs, a.seed))
     rows.append((f"audit: out-of-fold head, {a.folds} folds x {a.epochs} epochs", seconds))
+    ranks = _planted_flip_ranks(train, classes, params, args.flips)
 
     baseline = rows[0][1]
     table = pd.DataFrame({"step": [name for name, _ in rows], "seconds": [round(s, 2) for _, s in rows],
                           "x baseline": [round(s / baseline, 3) for _, s in rows]})
     text = table.to_markdown(index=False)
     print(text)
-    print(f"near-duplicate pairs at {a.near_duplicate_threshold}: {len(pairs)}")
+    images = len(pairs.drop_duplicates(["split", "path"]))
+    found = (f"near-duplicates at cosine >= {a.near_duplicate_threshold}: {images} val/test images ({len(pairs)} pairs).\n\n"
+             f"{args.flips} train labels flipped at random (seed 0): their ranks among the "
+             f"{len(train.labels)} train images in the suspect list are {', '.join(map(str, ranks))}; "
+             f"{int((ranks <= 2 * args.flips).sum())} of them are in the top {2 * args.flips}.")
+    print(found)
     if args.write_docs:
         write_section("trust", "## Evaluation and audit additions (bench/trust_bench.py)\n\n"
                       f"`python bench/trust_bench.py --root . --write-docs` on the default run's project "
                       f"({len(frames['val'])} val, {len(frames['test'])} test, {len(train.labels)} train images, "
-                      f"{info.image_size} px); the baseline is what evaluate spent before these additions.\n\n" + text)
+                      f"{info.image_size} px); the baseline is what evaluate spent before these additions.\n\n" + text
+                      + "\n\n" + found)
 
 
 if __name__ == "__main__":
