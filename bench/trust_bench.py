@@ -39,6 +39,7 @@ from headstart.data.manifest import read_split_manifest  # noqa: E402
 from headstart.explain import GradCam, gradcam_examples, plot_gradcam  # noqa: E402
 from headstart.layout import Layout  # noqa: E402
 from headstart.params import Params, load_params  # noqa: E402
+from headstart.reporting import most_confident_mistakes  # noqa: E402
 from headstart.serving import serving_model  # noqa: E402
 from headstart.uncertainty import bootstrap_intervals  # noqa: E402
 from tasks.evaluate import predict_images  # noqa: E402
@@ -118,8 +119,7 @@ def main() -> None:
         def gradcam() -> None:
             model = serving_model(plain, info.image_size, info.interpolation)
             test = frames["test"]
-            wrong = test.assign(predicted=predicted, confidence=probs["test"].max(axis=1))[predicted != y["test"]]
-            worst = wrong.sort_values("confidence", ascending=False, kind="stable").head(p.gallery_size)
+            worst = most_confident_mistakes(test, probs["test"], p.gallery_size)
             examples = gradcam_examples(test, probs["test"], worst, p.gradcam_per_class)
             plot_gradcam(GradCam(model, p.gradcam_layer), examples, classes, root, info.image_size,
                          out / "gradcam.png")

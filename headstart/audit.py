@@ -31,7 +31,6 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from matplotlib.figure import Figure
 from sklearn.model_selection import StratifiedKFold
 
 from headstart.data.artifacts import class_weights
@@ -39,7 +38,7 @@ from headstart.data.images import load_rgb
 from headstart.model import build_head
 from headstart.optimizers import head_optimizer
 from headstart.params import TrainHeadParams
-from headstart.reporting import save_figure
+from headstart.reporting import image_grid, save_figure
 from headstart.runtime import seed_everything
 
 log = logging.getLogger(__name__)
@@ -166,19 +165,9 @@ def suspect_table(probs: np.ndarray, train: SplitRows, classes: list[str]) -> pd
     }, columns=SUSPECT_COLUMNS)
 
 
-def _grid(count: int, columns: int, cell: tuple[float, float]) -> tuple[Figure, np.ndarray]:
-    columns = max(1, min(columns, count))
-    rows = max(1, math.ceil(count / columns))
-    figure = Figure(figsize=(cell[0] * columns, cell[1] * rows), layout="constrained")  # room for the suptitle
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    return figure, axes
-
-
 def plot_leakage(pairs: pd.DataFrame, root: Path, target: Path) -> None:
     """Each pair side by side: the val/test image, then the train image it nearly duplicates."""
-    figure, axes = _grid(2 * len(pairs), 4, (2.2, 2.6))
+    figure, axes = image_grid(2 * len(pairs), 4, (2.2, 2.6))
     for i, row in enumerate(pairs.itertuples()):
         left, right = axes.flat[2 * i], axes.flat[2 * i + 1]
         left.imshow(load_rgb(root / row.path))
@@ -193,7 +182,7 @@ def plot_leakage(pairs: pd.DataFrame, root: Path, target: Path) -> None:
 
 def plot_suspects(suspects: pd.DataFrame, root: Path, target: Path) -> None:
     """The train images whose given label the out-of-fold head believes least."""
-    figure, axes = _grid(len(suspects), 4, (2.6, 3.2))
+    figure, axes = image_grid(len(suspects), 4, (2.6, 3.2))
     for axis, row in zip(axes.flat, suspects.itertuples(), strict=False):
         axis.imshow(load_rgb(root / row.path))
         axis.set_title(f"#{row.rank} given: {row.label} ({row.p_label:.2f})\nlooks like: {row.predicted} "

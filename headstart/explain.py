@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from headstart.data.images import load_rgb
 from headstart.model import all_layers
-from headstart.reporting import save_figure
+from headstart.reporting import image_grid, save_figure, scored_rows
 from headstart.serving import group_by_shape, read_labels
 
 MIRROR = "mirror"  # the chain step of with_flip_tta: the batch is followed by its mirror images
@@ -174,10 +174,9 @@ def _show(axis, image: np.ndarray, cam: np.ndarray, title: str, color: str = "bl
 
 def gradcam_examples(rows: pd.DataFrame, probs: np.ndarray, mistakes: pd.DataFrame, per_class: int) -> pd.DataFrame:
     """The gallery's mistakes, then the `per_class` most confident correct test images of each class."""
-    predicted = probs.argmax(axis=1)
-    scored = rows.assign(predicted=predicted, confidence=probs.max(axis=1))
-    correct = scored[predicted == rows["y"].to_numpy()].sort_values(["y", "confidence"], ascending=[True, False],
-                                                                     kind="stable")
+    scored = scored_rows(rows, probs)
+    correct = scored[scored["predicted"] == scored["y"]].sort_values(["y", "confidence"], ascending=[True, False],
+                                                                      kind="stable")
     return pd.concat([mistakes[scored.columns], correct.groupby("y", sort=True).head(per_class)], ignore_index=True)
 
 
@@ -186,12 +185,7 @@ def plot_gradcam(explainer: GradCam, examples: pd.DataFrame, classes: list[str],
     """A grid of overlays for the predicted class, titled actual / predicted (confidence); mistakes in red."""
     images = [load_rgb(root / path, target_size=image_size) for path in examples["path"]]
     maps, _ = explainer.explain(images, examples["predicted"].tolist())
-    columns = max(1, min(6, len(images)))
-    grid_rows = max(1, -(-len(images) // columns))
-    figure = Figure(figsize=(2.2 * columns, 2.6 * grid_rows))
-    axes = figure.subplots(grid_rows, columns, squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
+    figure, axes = image_grid(len(images), 6, (2.2, 2.6))
     for axis, row, image, cam in zip(axes.flat, examples.itertuples(), images, maps, strict=False):
         wrong = row.predicted != row.y
         _show(axis, image, cam, f"true: {row.label}\npred: {classes[row.predicted]} ({row.confidence:.2f})",
@@ -200,7 +194,6 @@ def plot_gradcam(explainer: GradCam, examples: pd.DataFrame, classes: list[str],
         axes[0][0].text(0.5, 0.5, "no test images to explain", ha="center", va="center")
     figure.suptitle(f"Grad-CAM of the predicted class at {explainer.layer} (test split; mistakes in red)",
                     fontsize=10)
-    figure.tight_layout()
     save_figure(figure, target)
 
 

@@ -109,6 +109,11 @@ class Layout:
         return self.root / "reports"
 
     @property
+    def figures_dir(self) -> Path:
+        """Evaluate's figures (a DVC out that DVC empties before evaluate runs); lr_find draws here too."""
+        return self.reports_dir / "figures"
+
+    @property
     def metrics_file(self) -> Path:
         return self.root / "metrics.json"
 

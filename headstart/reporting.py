@@ -80,25 +80,40 @@ def plot_training_curves(live_root: Path, target: Path) -> int:
     return len(panels)
 
 
+def scored_rows(rows: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+    """`rows` (with `y`, the class index) plus each image's predicted class index and its probability."""
+    return rows.assign(predicted=probs.argmax(axis=1), confidence=probs.max(axis=1))
+
+
+def most_confident_mistakes(rows: pd.DataFrame, probs: np.ndarray, count: int) -> pd.DataFrame:
+    """The `count` wrongly predicted images with the highest confidence, most confident first."""
+    scored = scored_rows(rows, probs)
+    wrong = scored[scored["predicted"] != scored["y"]]
+    return wrong.sort_values("confidence", ascending=False, kind="stable").head(count)
+
+
+def image_grid(count: int, columns: int, cell: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    """A figure of `count` axes (at least one) in rows of up to `columns`, each `cell` inches, axes hidden."""
+    columns = max(1, min(columns, count))
+    rows = max(1, math.ceil(count / columns))
+    figure = Figure(figsize=(cell[0] * columns, cell[1] * rows), layout="constrained")  # room for the suptitle
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    return figure, axes
+
+
 def plot_misclassified(rows: pd.DataFrame, probs: np.ndarray, classes: list[str], root: Path, count: int,
                        target: Path) -> pd.DataFrame:
     """Gallery of the most confidently wrong test images; returns the rows it shows."""
-    predicted = probs.argmax(axis=1)
-    wrong = rows.assign(predicted=predicted, confidence=probs.max(axis=1))[predicted != rows["y"].to_numpy()]
-    worst = wrong.sort_values("confidence", ascending=False, kind="stable").head(count)
-    columns = max(1, min(4, len(worst)))
-    grid_rows = max(1, math.ceil(len(worst) / columns))
-    figure = Figure(figsize=(2.6 * columns, 3.2 * grid_rows))
-    axes = figure.subplots(grid_rows, columns, squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
+    worst = most_confident_mistakes(rows, probs, count)
+    figure, axes = image_grid(len(worst), 4, (2.6, 3.2))
     for axis, row in zip(axes.flat, worst.itertuples(), strict=False):
         axis.imshow(load_rgb(root / row.path))
         axis.set_title(f"true: {row.label}\npred: {classes[row.predicted]} ({row.confidence:.2f})", fontsize=8)
     if worst.empty:
         axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
     figure.suptitle("Most confident mistakes (test split, final model)", fontsize=10)
-    figure.tight_layout()
     save_figure(figure, target)
     return worst
 

@@ -145,7 +145,7 @@ def _check_classes(layout: Layout, classes: list[str], features_info: FeaturesIn
         )
 
 
-def _score(params: Params, layout: Layout, info: ModelInfo, features_info: FeaturesInfo,
+def _score(params: Params, layout: Layout, info: ModelInfo, features_info: FeaturesInfo, plain: keras.Model,
            rows: dict[str, pd.DataFrame]) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """Metrics of the head (on cached features) and of the final model (on images), per evaluated split.
 
@@ -156,7 +156,6 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
     p = params.evaluate
     classes = info.classes
     head = load_model(layout.head_dir / "head.keras", "train_head")
-    plain = load_model(layout.finetune_dir / "model.keras", "finetune")
     model = flip_tta_passes(with_flip_tta(plain)) if p.tta_flip else plain  # the passes export will serve
     metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": info.fine_tuned,
                                "tta_flip": p.tta_flip, "head": {}}
@@ -178,7 +177,7 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
     metrics["calibration"], calibration = calibrate(truth, passes, p.temperature_scaling, p.calibration_bins)
     temperature = metrics["calibration"]["temperature"]
     write_reliability(truth["test"], passes["test"], temperature, p.calibration_bins,
-                      layout.reports_dir / "calibration.csv", layout.reports_dir / "figures" / "reliability.png")
+                      layout.reports_dir / "calibration.csv", layout.figures_dir / "reliability.png")
     final_probs: dict[str, np.ndarray] = {}
     for split, frame in rows.items():
         final_probs[split] = served_probabilities(passes[split], temperature)
@@ -205,7 +204,7 @@ def _write_test_reports(layout: Layout, p: EvaluateParams, test: pd.DataFrame, p
     """The per-class, confusion and per-image CSVs and the figures; returns the tables the Markdown report shows."""
     predicted = probs.argmax(axis=1)
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
-    figures = layout.reports_dir / "figures"
+    figures = layout.figures_dir
     report = per_class_report(test["y"].to_numpy(), predicted, classes)
     if intervals is not None:
         report = report.assign(recall_low=intervals.recall[:, 0], recall_high=intervals.recall[:, 1])
@@ -222,20 +221,18 @@ def _write_test_reports(layout: Layout, p: EvaluateParams, test: pd.DataFrame, p
     return report, confusions, worst
 
 
-def _write_gradcam(params: Params, layout: Layout, info: ModelInfo, test: pd.DataFrame, probs: np.ndarray,
-                   worst: pd.DataFrame) -> bool:
+def _write_gradcam(params: Params, layout: Layout, info: ModelInfo, plain: keras.Model, test: pd.DataFrame,
+                   probs: np.ndarray, worst: pd.DataFrame) -> bool:
     """reports/figures/gradcam.png for the model export serves (raw images in); False when turned off."""
     p = params.evaluate
-    target = layout.reports_dir / "figures" / "gradcam.png"
+    target = layout.figures_dir / "gradcam.png"
     if not p.gradcam_per_class:
         target.unlink(missing_ok=True)
         return False
-    path = layout.finetune_dir / "model.keras"
-    plain = load_model(path, "finetune")
     model = serving_model(with_flip_tta(plain) if p.tta_flip else plain, info.image_size, info.interpolation)
     examples = gradcam_examples(test, probs, worst, p.gradcam_per_class)
-    plot_gradcam(GradCam(model, p.gradcam_layer, source=path), examples, info.classes, layout.root, info.image_size,
-                 target)
+    explainer = GradCam(model, p.gradcam_layer, source=layout.finetune_dir / "model.keras")
+    plot_gradcam(explainer, examples, info.classes, layout.root, info.image_size, target)
     return True
 
 
@@ -246,7 +243,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     features_info = read_features_info(layout)
     _check_classes(layout, classes, features_info)
     rows = _split_rows(layout, classes)
-    metrics, final_probs, calibration = _score(params, layout, info, features_info, rows)
+    plain = load_model(layout.finetune_dir / "model.keras", "finetune")  # the final model, before scaling
+    metrics, final_probs, calibration = _score(params, layout, info, features_info, plain, rows)
     intervals = {split: bootstrap_intervals(frame["y"].to_numpy(), final_probs[split].argmax(axis=1), len(classes),
                                             p.bootstrap_resamples, p.bootstrap_seed)
                  for split, frame in rows.items() if p.bootstrap_resamples}
@@ -254,7 +252,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         metrics[split]["ci95"] = found.as_metrics()
     report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes,
                                                     intervals.get("test"))
-    gradcam = _write_gradcam(params, layout, info, rows["test"], final_probs["test"], worst)
+    gradcam = _write_gradcam(params, layout, info, plain, rows["test"], final_probs["test"], worst)
     passed, gate = _gate(metrics, p.assert_min_accuracy)
     write_report(layout.reports_dir / "evaluation.md", metrics, report, confusions, worst, info, gate, calibration,
                  gradcam)

@@ -89,7 +89,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.reports_dir / "lr_find.csv", curve.to_csv(index=False))
     atomic_write_json(layout.reports_dir / "lr_find.json", found)
-    plot_lr_curve(curve, found, params.finetune.learning_rate, layout.reports_dir / "figures" / "lr_find.png")
+    plot_lr_curve(curve, found, params.finetune.learning_rate, layout.figures_dir / "lr_find.png")
     log.info("lr_find: suggested learning rate %.2g (lowest loss at %.2g, steepest descent at %.2g); "
              "finetune.learning_rate is %.2g", found["suggested_learning_rate"], found["min_loss_learning_rate"],
              found["steepest_learning_rate"], params.finetune.learning_rate)
