@@ -43,6 +43,7 @@ class Shape:
 SHAPES = {
     "two_classes": Shape({"ankle-boot": (9, 12), "bag": (8, 12)}),
     "two_classes_9_to_1": Shape({"ok": (1, 45), "defective": (0, 5)}),
+    "two_classes_named_0_and_1": Shape({"0": (4, 12), "1": (2, 12)}),  # coat vs pullover, labels as digits
     "digit_NA_and_unicode_names": Shape({"0": (0, 10), "1": (1, 10), "NA": (7, 10), "café au lait": (3, 10)}),
     "three_images_in_a_class": Shape({"trouser": (1, 12), "sneaker": (7, 12), "bag": (8, 3)},
                                      params={"download": {"min_images_per_class": 3}}),
