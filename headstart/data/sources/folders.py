@@ -22,6 +22,11 @@ def dataset_root(folder: Path) -> Path:
             return folder
 
 
+def is_source_image(relative: Path) -> bool:
+    """A file the download stage reads: an image by name, not hidden nor under a hidden or __MACOSX folder."""
+    return not any(part.startswith(".") or part == "__MACOSX" for part in relative.parts) and is_candidate_image(relative)
+
+
 def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tuple[list[Candidate], int]:
     """Labelled candidates under `folder` and the number of files skipped (hidden, not images or unlabelled).
 
@@ -36,7 +41,7 @@ def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tup
     candidates, skipped = [], 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
-        if any(part.startswith(".") or part == "__MACOSX" for part in relative.parts) or not is_candidate_image(path):
+        if not is_source_image(relative):
             skipped += 1
             continue
         source_split = splits.get(relative.parts[0], "")
