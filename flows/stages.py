@@ -70,7 +70,7 @@ def read_stage_specs(dvc_file: Path = CODE_ROOT / "dvc.yaml") -> dict[str, Stage
     specs: dict[str, StageSpec] = {}
     for name in (SOURCE_STAGE, *STAGES):
         if name not in declared:
-            raise StageDeclarationError(f"{dvc_file}: stage '{name}' is missing; add it (see headstart.params.STAGES).")
+            raise StageDeclarationError(f"{dvc_file}: stage '{name}' is missing; add it (see headstart.params.SOURCE_STAGE and STAGES).")
         block = declared[name]
         specs[name] = StageSpec(
             name=name,
