@@ -103,6 +103,21 @@ def test_unchanged_files_are_not_read_again(tmp_path, images, spare, monkeypatch
     assert _fingerprint(project, source=str(images))[0]["read"] == 2  # the touched file and the new one
 
 
+def test_an_edit_that_keeps_size_and_mtime_is_still_seen(tmp_path, images, monkeypatch):
+    """`cp -p` or `rsync -t` can put the old mtime back on new bytes; the ctime in the key cannot be set."""
+    project = tmp_path / "project"
+    monkeypatch.setattr(hash_cache, "RACY_S", 0.0)
+    _, first = _fingerprint(project, source=str(images))
+    target = images / "trouser" / "00005.png"
+    before, data = target.stat(), bytearray(target.read_bytes())
+    data[-20] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    summary, second = _fingerprint(project, source=str(images))
+    assert summary["read"] == 1 and second["files"]["trouser/00005.png"] != first["files"]["trouser/00005.png"]
+
+
 def test_a_file_written_just_now_is_read_again_until_its_times_settle(tmp_path, images):
     """Within the file system's timestamp resolution a second write could keep size and times: not cached."""
     project = tmp_path / "project"
