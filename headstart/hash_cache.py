@@ -60,9 +60,9 @@ class HashCache:
         )
         self._known.update((path, (size, mtime, ctime, sha)) for path, size, mtime, ctime, sha in rows)
 
-    def digest(self, path: Path, stat: os.stat_result | None = None) -> str:
+    def digest(self, path: Path | str, stat: os.stat_result | None = None) -> str:
         """The file's sha256, read only when its size or times differ from the recorded ones."""
-        key = os.path.abspath(path)
+        key = path if isinstance(path, str) and os.path.isabs(path) else os.path.abspath(path)
         stat = stat or os.stat(path)
         signature = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         known = self._known.get(key) or self._lookup(key)

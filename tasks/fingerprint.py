@@ -11,8 +11,8 @@ import logging
 import time
 from typing import Any
 
-from headstart.data.sources.fingerprint import source_fingerprint
-from headstart.files import atomic_write_json, remove_stale_temps
+from headstart.data.sources.fingerprint import render, source_fingerprint
+from headstart.files import atomic_write_text, remove_stale_temps
 from headstart.hash_cache import HashCache
 from headstart.layout import Layout
 from headstart.params import Params
@@ -26,7 +26,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     remove_stale_temps(layout.source_fingerprint)
     with HashCache(layout.fingerprint_cache) as cache:
         record = source_fingerprint(params.download, layout, cache)
-    atomic_write_json(layout.source_fingerprint, record)
+    atomic_write_text(layout.source_fingerprint, render(record))
     summary = {"kind": record["kind"], "digest": record["digest"], "files": len(record.get("files", {})),
                "read": cache.misses, "seconds": round(time.perf_counter() - started, 2)}
     log.info("fingerprint: %s source %s, digest %s (%d files, %d read)", summary["kind"], params.download.source,

@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
+from headstart.data.images import is_image_name
 from headstart.data.sources.candidates import DownloadError
 from headstart.data.sources.fetch import fetch_current, url_cache_path
 from headstart.data.sources.folders import is_source_image
@@ -51,42 +51,52 @@ def source_fingerprint(params: DownloadParams, layout: Layout, cache: HashCache)
     elif kind == "archive":
         content["sha256"] = _digest(path, cache)
     else:
-        content["files"] = folder_hashes(path, cache, images_only=kind == "folder")
+        content["files"] = folder_hashes(path, cache, "labelled" if kind == "folder" and params.labels else kind)
     if params.labels is not None and kind not in ("preset", "idx"):
         content["labels"] = _labels_digest(params.labels, layout, path if kind == "folder" else None, cache)
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return {**content, "source": params.source, "digest": hashlib.sha256(canonical.encode()).hexdigest()}
 
 
-def folder_hashes(folder: Path, cache: HashCache, images_only: bool = True) -> dict[str, str]:
-    """relative path -> sha256 of every file download would read under `folder`, sorted by path."""
-    cache.preload(folder)
+def folder_hashes(folder: Path, cache: HashCache, kind: str = "folder") -> dict[str, str]:
+    """relative path -> sha256 of every file download would read under `folder`, sorted by path.
+
+    kind "folder": images outside hidden and __MACOSX folders (folders.is_source_image); "labelled": any
+    image by name (a labels file may name one anywhere); "idx": every visible file. Strings and
+    os.scandir, not pathlib: this runs per file on every check.
+    """
+    keep = {"folder": is_source_image, "labelled": lambda relative: is_image_name(relative.rsplit("/", 1)[-1]),
+            "idx": lambda relative: not relative.rsplit("/", 1)[-1].startswith(".")}[kind]
+    root = os.path.abspath(folder)
+    cache.preload(Path(root))
     found: dict[str, str] = {}
-    for top, dirs, files in os.walk(folder, onerror=_walk_error):
-        dirs[:] = [name for name in dirs if not name.startswith(".") and name != "__MACOSX"]
-        for name in files:
-            path = Path(top, name)
-            relative = path.relative_to(folder)
-            if (images_only and not is_source_image(relative)) or name.startswith("."):
-                continue
-            try:
-                info = path.stat()
-            except FileNotFoundError:  # a dangling link, which download skips too
-                continue
-            if stat.S_ISREG(info.st_mode):
-                found[relative.as_posix()] = _digest(path, cache, info)
+    pending = [("", root)]
+    while pending:
+        prefix, directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            raise _unreadable(directory, exc) from None
+        for entry in entries:
+            relative = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):  # as rglob: links to folders are not followed
+                if kind == "labelled" or not (entry.name.startswith(".") or entry.name == "__MACOSX"):
+                    pending.append((relative + "/", entry.path))
+            elif keep(relative) and entry.is_file():  # is_file follows links; a dangling one is skipped
+                found[relative] = _digest(entry.path, cache, entry)
     return dict(sorted(found.items()))
 
 
-def _digest(path: Path, cache: HashCache, info: os.stat_result | None = None) -> str:
+def render(record: dict[str, Any]) -> str:
+    """The record as written: sorted keys, one file per line (diffs read well), C-speed json."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",\n", ": ")) + "\n"
+
+
+def _digest(path: Path | str, cache: HashCache, entry: os.DirEntry | None = None) -> str:
     try:
-        return cache.digest(path, info)
+        return cache.digest(path, entry.stat() if entry else None)
     except OSError as exc:
         raise _unreadable(path, exc) from None
-
-
-def _walk_error(exc: OSError) -> None:
-    raise _unreadable(exc.filename, exc) from None
 
 
 def _unreadable(path: Path | str, exc: OSError) -> DownloadError:
