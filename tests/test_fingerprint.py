@@ -161,6 +161,7 @@ class _VersionedFile(http.server.BaseHTTPRequestHandler):
     body = b""
     version = 1
     seen: list[str] = []
+    answers_head = True
 
     def _head(self) -> bool:
         type(self).seen.append(self.command)
@@ -175,6 +176,10 @@ class _VersionedFile(http.server.BaseHTTPRequestHandler):
         return True
 
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        if not self.answers_head:
+            type(self).seen.append(self.command)
+            self.send_error(501)
+            return
         self._head()
 
     def do_GET(self) -> None:  # noqa: N802
@@ -187,7 +192,7 @@ class _VersionedFile(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def versioned(tmp_path: Path) -> Iterator[tuple[str, type[_VersionedFile]]]:
-    handler = type("Handler", (_VersionedFile,), {"body": b"", "version": 1, "seen": []})
+    handler = type("Handler", (_VersionedFile,), {"body": b"", "version": 1, "seen": [], "answers_head": True})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -218,6 +223,24 @@ def test_a_url_whose_content_changes_behind_the_same_address(tmp_path, images, s
     download.run(params, Layout(project))  # pins the new version once it has extracted
     manifest = pd.read_csv(Layout(project).raw_manifest)
     assert "data/raw/trouser/new.png" in set(manifest["path"])
+
+
+def test_a_url_without_validators_is_fetched_again_and_must_match_its_pin(tmp_path, images, spare, versioned):
+    """A server that answers no HEAD announces no version: each check fetches it, and a change is refused
+    by the trust-on-first-use pin with the way out (a server that announces it is re-pinned, above)."""
+    url, handler = versioned
+    handler.answers_head = False
+    handler.body = _tar_gz(images, tmp_path / "v1.tar.gz").read_bytes()
+    project = tmp_path / "project"
+    _, first = _fingerprint(project, source=url)
+    download.run(load_params(NO_FILE, {"download.source": url}), Layout(project))  # pins it
+    assert _fingerprint(project, source=url)[1] == first
+    assert handler.seen == ["HEAD", "GET", "HEAD", "GET"]
+
+    spare[0].save(images / "trouser" / "new.png")
+    handler.body = _tar_gz(images, tmp_path / "v2.tar.gz").read_bytes()
+    with pytest.raises(DownloadError, match=r"sha256 mismatch.*delete .*\.sha256"):
+        _fingerprint(project, source=url)
 
 
 def test_a_url_with_a_given_sha256_needs_no_request(tmp_path, versioned):

@@ -63,7 +63,7 @@ def remote_validators(url: str, timeout_s: float = 60.0, retries: int = 4) -> di
     """ETag, Last-Modified and Content-Length of a HEAD request (None for each one the server omits)."""
     if disallowed_scheme(url) is not None:
         raise DownloadError(f"{url}: only http and https URLs are supported")
-    with _session(retries) as session:
+    with _session(retries, final=_NO_HEAD) as session:
         try:
             response = session.head(url, allow_redirects=True, timeout=timeout_s)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
@@ -128,10 +128,11 @@ def fetch_url(url: str, dest: Path, sha256: str | None, timeout_s: float = 60.0,
     return dest
 
 
-def _session(retries: int) -> requests.Session:
-    """Connection failures and 5xx answers are retried by urllib3, backing off 0, 1, 2, 4 ... 30 s."""
-    retry = Retry(total=retries, backoff_factor=0.5, backoff_max=30, status_forcelist=range(500, 600),
-                  raise_on_status=False)
+def _session(retries: int, final: tuple[int, ...] = ()) -> requests.Session:
+    """Connection failures and 5xx answers (but the `final` ones) are retried by urllib3, backing off
+    0, 1, 2, 4 ... 30 s."""
+    retry = Retry(total=retries, backoff_factor=0.5, backoff_max=30, raise_on_status=False,
+                  status_forcelist=[status for status in range(500, 600) if status not in final])
     session = requests.Session()
     for scheme in URL_SCHEMES:
         session.mount(f"{scheme}://", HTTPAdapter(max_retries=retry))
