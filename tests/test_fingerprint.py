@@ -270,3 +270,15 @@ def test_an_unreadable_file_is_named(tmp_path, images):
         broken.chmod(0)
     with pytest.raises(DownloadError, match=rf"{broken}: cannot read it .*make it readable or move it out"):
         _fingerprint(tmp_path / "project", source=str(images))
+
+
+def test_the_cli_writes_the_record_and_names_a_bad_source_in_one_line(tmp_path, images, capsys):
+    from tasks.cli import main
+
+    root = tmp_path / "project"
+    assert main(["fingerprint", "--root", str(root), "--set", f"download.source={images}"]) == 0
+    assert json.loads(Layout(root).source_fingerprint.read_text())["kind"] == "folder"
+    missing = tmp_path / "gone"
+    assert main(["fingerprint", "--root", str(root), "--set", f"download.source={missing}"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("headstart fingerprint: error: ") and str(missing) in line
