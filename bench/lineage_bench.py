@@ -119,12 +119,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [row for count in args.sizes for row in bench_size(Path(tmp), count)]
+    load = os.getloadavg()[1]  # the machine is shared: how busy it was over the last 5 minutes
     table = pd.DataFrame(rows).to_markdown(index=False)
     print(table)
     if args.write_docs:
         sizes = " ".join(str(size) for size in args.sizes)
         write_section("lineage", "## The no-op source check (bench/lineage_bench.py)\n\n"
-                      f"`python bench/lineage_bench.py --sizes {sizes} --write-docs` (2-core CPU, shared): real "
+                      f"`python bench/lineage_bench.py --sizes {sizes} --write-docs` (2-core CPU, shared: load average "
+                      f"{load:.1f} at the end): real "
                       "Fashion-MNIST PNGs in 10 class folders, each row the fastest of 3 runs. Cold reads every file (from the "
                       "OS page cache: a first read from disk costs more); warm finds each "
                       "(path, size, mtime_ns, ctime_ns) in the hash cache and reads none. The DVC rows add "
