@@ -10,6 +10,7 @@ the file system's timestamp resolution a second write could leave size and times
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 from types import TracebackType
 
 from headstart.files import sha256_file
+
+log = logging.getLogger(__name__)
 
 RACY_S = 2.0
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
@@ -36,10 +39,24 @@ class HashCache:
 
     def __enter__(self) -> HashCache:
         self.db.parent.mkdir(parents=True, exist_ok=True)
-        self._connection = sqlite3.connect(self.db, timeout=60)
-        self._connection.execute(_SCHEMA)
+        try:
+            self._connection = self._open()
+        except sqlite3.DatabaseError as exc:  # damaged: it only saves reading, so start it afresh
+            log.warning("%s is not a usable hash cache (%s); starting a new one", self.db, exc)
+            self.db.unlink()
+            self._connection = self._open()
         self._racy_after_ns = time.time_ns() - int(RACY_S * 1e9)
         return self
+
+    def _open(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.db, timeout=60)
+        try:
+            connection.execute(_SCHEMA)
+            connection.execute("SELECT COUNT(*) FROM hashes").fetchone()
+        except sqlite3.DatabaseError:
+            connection.close()
+            raise
+        return connection
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         assert self._connection is not None

@@ -282,3 +282,14 @@ def test_the_cli_writes_the_record_and_names_a_bad_source_in_one_line(tmp_path, 
     assert main(["fingerprint", "--root", str(root), "--set", f"download.source={missing}"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("headstart fingerprint: error: ") and str(missing) in line
+
+
+def test_a_damaged_hash_cache_is_started_afresh(tmp_path, images, monkeypatch):
+    project = tmp_path / "project"
+    monkeypatch.setattr(hash_cache, "RACY_S", 0.0)
+    _, first = _fingerprint(project, source=str(images))
+    cache = Layout(project).fingerprint_cache
+    cache.write_bytes(b"not a database, e.g. a disk that filled up mid-write\n" * 100)
+    summary, again = _fingerprint(project, source=str(images))
+    assert again == first and summary["read"] == 36
+    assert _fingerprint(project, source=str(images))[0]["read"] == 0
