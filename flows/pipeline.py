@@ -2,7 +2,9 @@
 that `headstart <stage>` (and so `dvc repro`) calls.
 
 Caching is by content (see flows/stages.py): a stage's key hashes its params sections, its code and
-data deps. A cached result records the hashes of the outputs the stage wrote; when those outputs are
+data deps. download's deps include data/fingerprint.json, which the fingerprint task rewrites before
+download is keyed (as `dvc repro` runs the always-changed fingerprint stage first), so a changed source
+reruns download. A cached result records the hashes of the outputs the stage wrote; when those outputs are
 missing or changed on disk the flow refreshes the cache, so a cache hit always leaves the stage's
 outputs in place, as `dvc repro` would.
 """
@@ -17,6 +19,7 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect.states import State
@@ -27,7 +30,7 @@ from flows.sharding import dask_runner, features_sharded
 from flows.stages import StageSpec, output_hashes, read_stage_specs, stage_key
 from headstart.data.sources.candidates import DownloadError
 from headstart.layout import Layout
-from headstart.params import STAGES, Params, load_params
+from headstart.params import SOURCE_STAGE, STAGES, Params, load_params
 from headstart.reporting import run_report
 
 RESULTS_ENV = "HEADSTART_RESULTS_DIR"
@@ -82,6 +85,15 @@ def run_stage(stage: str, params: Params, root: str, key: str, shards: int = 1, 
     return {"stage": stage, "key": key, "outputs": outputs, "summary": summary}
 
 
+@task(cache_policy=NO_CACHE, task_run_name=SOURCE_STAGE)
+def fingerprint_source(params: Params, root: str) -> dict[str, Any]:
+    """Never cached: it is what tells whether the source changed (tasks/fingerprint.py)."""
+    summary = importlib.import_module(f"tasks.{SOURCE_STAGE}").run(params, Layout(Path(root)))
+    get_run_logger().info("source fingerprint %s (%d files, %d read)", summary["digest"][:12], summary["files"],
+                          summary["read"])
+    return summary
+
+
 def result_storage_for(root: Path, location: str | None) -> Path:
     """Where task results (and so the cache) live: the argument, $HEADSTART_RESULTS_DIR, or data/cache.
 
@@ -110,15 +122,18 @@ def select_stages(stages: list[str] | None) -> list[str]:
     return [name for name in STAGES if name in stages]
 
 
+def _network_retries(retries: int, backoff_s: float) -> dict[str, Any]:
+    """Task options that retry a transient network failure (the tasks that fetch: fingerprint, download)."""
+    if not retries:
+        return {}
+    return {"retries": retries, "retry_delay_seconds": exponential_backoff(backoff_s)(retries),
+            "retry_jitter_factor": 0.5, "retry_condition_fn": _retry_transient}
+
+
 def _stage_task(stage: str, storage: Path, refresh: bool, retries: int, backoff_s: float):
     options: dict[str, Any] = {"result_storage": storage, "refresh_cache": refresh, "name": f"stage-{stage}"}
-    if stage == "download" and retries:
-        options |= {
-            "retries": retries,
-            "retry_delay_seconds": exponential_backoff(backoff_s)(retries),
-            "retry_jitter_factor": 0.5,
-            "retry_condition_fn": _retry_transient,
-        }
+    if stage == "download":
+        options |= _network_retries(retries, backoff_s)
     return run_stage.with_options(**options)
 
 
@@ -151,7 +166,10 @@ def pipeline(
     storage = result_storage_for(data_root, result_storage)
     store = ResultStore(result_storage=LocalFileSystem(basepath=str(storage)))
     outcomes: list[dict[str, Any]] = []
-    for stage in select_stages(stages):
+    selected = select_stages(stages)
+    if "download" in selected:
+        fingerprint_source.with_options(**_network_retries(download_retries, retry_backoff_s))(params, str(data_root))
+    for stage in selected:
         key = stage_key(specs[stage], params, data_root)
         refresh = store.exists(key) and not outputs_current(store, specs[stage], data_root, key)
         if refresh:

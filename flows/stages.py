@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from headstart.files import sha256_file
-from headstart.params import STAGES, Params
+from headstart.params import SOURCE_STAGE, STAGES, Params
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("tasks", "headstart", "flows")
@@ -62,15 +62,15 @@ def _param_keys(stage: str, entries: list[Any] | None) -> tuple[str, ...]:
 
 
 def read_stage_specs(dvc_file: Path = CODE_ROOT / "dvc.yaml") -> dict[str, StageSpec]:
-    """Parse every pipeline stage from dvc.yaml (the same declarations `dvc repro` uses)."""
+    """Parse the fingerprint stage and every pipeline stage from dvc.yaml (the declarations `dvc repro` uses)."""
     try:
         declared = yaml.safe_load(dvc_file.read_text())["stages"]
     except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
         raise StageDeclarationError(f"{dvc_file}: cannot read its 'stages' mapping ({exc}).") from None
     specs: dict[str, StageSpec] = {}
-    for name in STAGES:
+    for name in (SOURCE_STAGE, *STAGES):
         if name not in declared:
-            raise StageDeclarationError(f"{dvc_file}: stage '{name}' is missing; add it (see headstart.params.STAGES).")
+            raise StageDeclarationError(f"{dvc_file}: stage '{name}' is missing; add it (see headstart.params.SOURCE_STAGE and STAGES).")
         block = declared[name]
         specs[name] = StageSpec(
             name=name,

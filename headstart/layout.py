@@ -14,6 +14,17 @@ from pathlib import Path
 class Layout:
     root: Path = Path(".")
 
+    # fingerprint
+    @property
+    def source_fingerprint(self) -> Path:
+        """The source's fingerprint (a dep of download; byte-identical while the data is unchanged)."""
+        return self.root / "data" / "fingerprint.json"
+
+    @property
+    def fingerprint_cache(self) -> Path:
+        """(path, size, mtime_ns, ctime_ns) -> sha256 of source files, so an unchanged file is not read again."""
+        return self.root / "data" / "cache" / "fingerprint" / "hashes.sqlite3"
+
     # download
     @property
     def raw_dir(self) -> Path:

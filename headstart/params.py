@@ -14,6 +14,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+SOURCE_STAGE = "fingerprint"
+"""dvc.yaml's first stage: the source's fingerprint, a dep of download. It is not one of STAGES, whose results
+DVC and Prefect cache: it runs on every `dvc repro` (always_changed) and every flow run that includes download,
+and its output changes only when the data does."""
 STAGES = ("download", "split", "features", "train_head", "audit", "finetune", "evaluate", "export")
 TOOLS = ("lr_find",)  # run like a stage (same params and layout), outside the pipeline
 

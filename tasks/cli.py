@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from headstart.layout import Layout
-from headstart.params import STAGES, TOOLS, ParamsError, load_params
+from headstart.params import SOURCE_STAGE, STAGES, TOOLS, ParamsError, load_params
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
+    _common(commands.add_parser(SOURCE_STAGE, help="record the source's fingerprint (download depends on it)"))
     for stage in STAGES:
         _common(commands.add_parser(stage, help=f"run the {stage} stage"))
     _common(commands.add_parser("lr_find", help="learning-rate range test for finetune (plot + suggestion in reports/)"))
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        if args.command in STAGES + TOOLS:
+        if args.command in (SOURCE_STAGE, *STAGES, *TOOLS):
             _run_stage(args.command, args)
             return 0
         if args.command == "backbones":

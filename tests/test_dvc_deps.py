@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from headstart.params import STAGES, TOOLS
+from headstart.params import SOURCE_STAGE, STAGES, TOOLS
 from tests.conftest import REPO_ROOT
 
 PACKAGES = ("tasks", "headstart")
@@ -50,7 +50,7 @@ def declared_deps(stage: str) -> set[Path]:
     return {REPO_ROOT / dep for dep in stages[stage]["deps"] if str(dep).endswith(".py")}
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", (SOURCE_STAGE, *STAGES))
 def test_each_stage_depends_on_every_module_it_imports(stage: str) -> None:
     needed = project_imports(REPO_ROOT / "tasks" / f"{stage}.py") | project_imports(REPO_ROOT / "tasks" / "cli.py", module_level_only=True)
     missing = sorted(str(p.relative_to(REPO_ROOT)) for p in needed - declared_deps(stage))
@@ -64,7 +64,7 @@ def test_the_import_reader_follows_imports_transitively() -> None:
     assert "tasks/evaluate.py" not in found  # no stage imports another stage
 
 
-@pytest.mark.parametrize("stage", STAGES + TOOLS)
+@pytest.mark.parametrize("stage", (SOURCE_STAGE, *STAGES, *TOOLS))
 def test_no_stage_imports_another_stage(stage: str) -> None:
     found = project_imports(REPO_ROOT / "tasks" / f"{stage}.py")
     others = sorted(p.name for p in found if p.parent.name == "tasks" and p.stem != stage)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -90,6 +91,22 @@ def test_a_cache_hit_never_leaves_outputs_missing(tmp_path: Path, images: Path) 
     shutil.rmtree(Layout(root).raw_dir)
     assert _run(root, source) == {"download": "ran", "split": "cached"}
     assert _tree(root) == before
+
+
+def test_a_source_that_grows_reruns_download_and_split_and_a_touch_reruns_nothing(
+    tmp_path: Path, images: Path, fashion_arrays
+) -> None:
+    root, source = tmp_path / "run", {"download.source": str(images)}
+    assert _run(root, source) == {"download": "ran", "split": "ran"}
+    (images / "trouser" / "00001.png").touch()
+    assert _run(root, source) == {"download": "cached", "split": "cached"}
+
+    pictures, _ = fashion_arrays
+    Image.fromarray(pictures[1500]).save(images / "trouser" / "added.png")
+    assert _run(root, source) == {"download": "ran", "split": "ran"}
+    manifest = Layout(root).raw_manifest.read_text()
+    assert "data/raw/trouser/added.png" in manifest
+    assert _run(root, source) == {"download": "cached", "split": "cached"}
 
 
 def test_keys_follow_content_not_paths(tmp_path: Path, images: Path) -> None:
@@ -187,12 +204,14 @@ def test_download_is_retried_with_backoff_after_transient_failures(tmp_path: Pat
 
 
 def test_bad_input_is_not_retried(tmp_path: Path) -> None:
+    """The fingerprint task, which runs before download, is the first to meet the missing folder."""
     state = pipeline(overrides={"download.source": str(tmp_path / "no-such-folder")}, root=str(tmp_path / "run"),
                      params_file=NO_FILE, stages=["download"], download_retries=3,
                      retry_backoff_s=30, return_state=True)
     assert state.is_failed()
-    assert "no-such-folder" in task_runs_of(state.state_details.flow_run_id)["download"].state.message
-    assert task_runs_of(state.state_details.flow_run_id)["download"].run_count == 1
+    runs = task_runs_of(state.state_details.flow_run_id)
+    assert "no-such-folder" in runs["fingerprint"].state.message
+    assert runs["fingerprint"].run_count == 1 and "download" not in runs
 
 
 def test_transient_errors_are_told_apart_from_bad_input() -> None:
@@ -210,7 +229,7 @@ def test_stage_declarations_come_from_dvc_yaml(tmp_path: Path) -> None:
     assert "data/split/summary.json" in specs["split"].outs
 
     broken = tmp_path / "dvc.yaml"
-    broken.write_text(yaml.safe_dump({"stages": {"download": declared["download"]}}))
+    broken.write_text(yaml.safe_dump({"stages": {name: declared[name] for name in ("fingerprint", "download")}}))
     with pytest.raises(StageDeclarationError, match="stage 'split' is missing"):
         read_stage_specs(broken)
 

@@ -7,6 +7,7 @@ Pillow applies the EXIF orientation and turns grayscale, palette, RGBA, CMYK and
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,12 @@ class ImageInfo:
 
 def is_candidate_image(path: Path) -> bool:
     """Skip hidden files (.DS_Store, ._resource forks) and files that are not images by name."""
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+    return is_image_name(path.name)
+
+
+def is_image_name(name: str) -> bool:
+    """`is_candidate_image` on a bare file name (no Path built: the fingerprint asks it of every file)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -1,8 +1,10 @@
 """Fetching a URL into the download cache: retries with backoff (urllib3's `Retry` on a requests session),
-resume of a partial file, sha256 checks and trust-on-first-use pins."""
+resume of a partial file, sha256 checks, trust-on-first-use pins, and the server's validators (ETag,
+Last-Modified, Content-Length) that tell whether a cached copy is still what the URL serves."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from urllib.parse import urlparse
@@ -14,7 +16,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
 from headstart.data.sources.candidates import DownloadError
-from headstart.files import atomic_write_text, sha256_bytes, sha256_file
+from headstart.files import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from headstart.progress import download_progress
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,66 @@ def pin_first_use(dest: Path) -> None:
         log.warning("%s has no pinned sha256; recorded %s in %s", dest, digest, pin_file(dest))
 
 
+VALIDATORS = {"etag": "ETag", "last_modified": "Last-Modified", "content_length": "Content-Length"}
+_NO_HEAD = (405, 501)  # servers that do not answer HEAD: they tell nothing, which is not an error
+
+
+def validators_file(dest: Path) -> Path:
+    """The server's validators when `dest` was fetched."""
+    return dest.with_name(dest.name + ".validators.json")
+
+
+def remote_validators(url: str, timeout_s: float = 60.0, retries: int = 4) -> dict[str, str | None]:
+    """ETag, Last-Modified and Content-Length of a HEAD request (None for each one the server omits)."""
+    if disallowed_scheme(url) is not None:
+        raise DownloadError(f"{url}: only http and https URLs are supported")
+    with _session(retries, final=_NO_HEAD) as session:
+        try:
+            response = session.head(url, allow_redirects=True, timeout=timeout_s)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
+            raise _failed(url, None, retries + 1, exc) from None
+    if response.status_code >= 500 and response.status_code not in _NO_HEAD:
+        raise _failed(url, None, retries + 1, f"HTTP {response.status_code}")
+    if response.status_code >= 400 and response.status_code not in _NO_HEAD:
+        raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
+    known = response.status_code < 400
+    return {key: response.headers.get(header) if known else None for key, header in VALIDATORS.items()}
+
+
+def _same_version(recorded: dict[str, str | None], current: dict[str, str | None]) -> bool | None:
+    """Whether two sets of validators name the same file: None when they share none to compare."""
+    shared = [key for key in VALIDATORS if recorded.get(key) is not None and current.get(key) is not None]
+    return all(recorded[key] == current[key] for key in shared) if shared else None
+
+
+def fetch_current(url: str, dest: Path, timeout_s: float = 60.0, retries: int = 4) -> Path:
+    """`fetch_url` for a URL without a known sha256, fetched again when the cached copy may be out of date.
+
+    A HEAD request's validators are compared with those recorded when the copy was fetched. When the
+    server announces a new version (a validator differs), the old trust-on-first-use pin goes with the
+    old copy and the download stage pins the new one once it has extracted. When there is nothing to
+    compare (a server that sends no validators), the URL is fetched again and must match its pin.
+    """
+    current = remote_validators(url, timeout_s, retries)
+    recorded_file = validators_file(dest)
+    recorded = json.loads(recorded_file.read_text()) if recorded_file.exists() else {}
+    same = _same_version(recorded, current)
+    if dest.exists() and not same:
+        with FileLock(dest.with_name(dest.name + ".lock")):
+            dest.unlink(missing_ok=True)
+            if same is False:
+                log.warning("%s changed on the server (%s -> %s): fetching the new version; its sha256 is "
+                            "pinned again once it has extracted", url, recorded, current)
+                pin_file(dest).unlink(missing_ok=True)
+            else:
+                log.warning("%s sends no ETag, Last-Modified or Content-Length to compare: fetching it again "
+                            "to see whether it changed", url)
+    fetched = fetch_url(url, dest, None, timeout_s, retries)
+    if current != recorded:
+        atomic_write_json(recorded_file, current)
+    return fetched
+
+
 def fetch_url(url: str, dest: Path, sha256: str | None, timeout_s: float = 60.0, retries: int = 4) -> Path:
     """Stream `url` to `dest`, resuming a partial `.part` file, retrying with backoff, checking sha256.
 
@@ -66,21 +128,20 @@ def fetch_url(url: str, dest: Path, sha256: str | None, timeout_s: float = 60.0,
     return dest
 
 
-def _session(retries: int) -> requests.Session:
-    """Connection failures and 5xx answers are retried by urllib3, backing off 0, 1, 2, 4 ... 30 s."""
-    retry = Retry(total=retries, backoff_factor=0.5, backoff_max=30, status_forcelist=range(500, 600),
-                  raise_on_status=False)
+def _session(retries: int, final: tuple[int, ...] = ()) -> requests.Session:
+    """Connection failures and 5xx answers (but the `final` ones) are retried by urllib3, backing off
+    0, 1, 2, 4 ... 30 s."""
+    retry = Retry(total=retries, backoff_factor=0.5, backoff_max=30, raise_on_status=False,
+                  status_forcelist=[status for status in range(500, 600) if status not in final])
     session = requests.Session()
     for scheme in URL_SCHEMES:
         session.mount(f"{scheme}://", HTTPAdapter(max_retries=retry))
     return session
 
 
-def _failed(url: str, part: Path, attempts: int, reason: object) -> DownloadError:
-    return DownloadError(
-        f"{url}: download failed after {attempts} attempts ({reason}). The partial file "
-        f"{part} is kept and the next run resumes from it."
-    )
+def _failed(url: str, part: Path | None, attempts: int, reason: object) -> DownloadError:
+    kept = f" The partial file {part} is kept and the next run resumes from it." if part else ""
+    return DownloadError(f"{url}: download failed after {attempts} attempts ({reason}).{kept}")
 
 
 def _fetch_verified(

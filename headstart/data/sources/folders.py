@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from headstart.data.images import is_candidate_image
+from headstart.data.images import is_candidate_image, is_image_name
 from headstart.data.sources.candidates import Candidate, DownloadError, one_class
 
 
@@ -20,6 +20,13 @@ def dataset_root(folder: Path) -> Path:
             folder = dirs[0]
         else:
             return folder
+
+
+def is_source_image(relative: str) -> bool:
+    """A file the download stage reads (a relative posix path): an image by name, not hidden nor under a
+    hidden or __MACOSX folder."""
+    parts = relative.split("/")
+    return not any(part.startswith(".") or part == "__MACOSX" for part in parts) and is_image_name(parts[-1])
 
 
 def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tuple[list[Candidate], int]:
@@ -36,7 +43,7 @@ def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tup
     candidates, skipped = [], 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
-        if any(part.startswith(".") or part == "__MACOSX" for part in relative.parts) or not is_candidate_image(path):
+        if not is_source_image(relative.as_posix()):
             skipped += 1
             continue
         source_split = splits.get(relative.parts[0], "")

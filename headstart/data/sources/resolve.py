@@ -35,23 +35,12 @@ class Resolved:
     unlisted: int = 0
 
 
-def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | None) -> Resolved:
-    """Candidates for `download.source`; `per_class` is the effective download.max_images_per_class."""
-    presets = load_presets()
-    source = params.source
-    if params.labels is not None and (source in presets or _is_idx(Path(source).expanduser())):
-        raise DownloadError(
-            f"download.labels={params.labels!r} labels a folder or archive source, but download.source "
-            f"{source!r} names its own labels: set download.labels to null"
-        )
+def source_kind(source: str, presets: dict[str, dict[str, Any]]) -> str:
+    """What `download.source` names: preset, url, archive, idx (a folder of IDX files) or folder."""
     if source in presets:
-        preset = presets[source]
-        if preset["kind"] == "idx":
-            folder = _idx_folder(source, preset, params, layout)
-            return Resolved(*idx_candidates(folder, preset.get("classes"), per_class, params.sample_seed))
-        return _url_candidates(preset["url"], preset.get("sha256"), preset, params, layout)
+        return "preset"
     if _is_url(source):
-        return _url_candidates(source, params.sha256, {}, params, layout)
+        return "url"
     path = Path(source).expanduser()
     if not path.exists():
         raise DownloadError(
@@ -61,10 +50,34 @@ def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | 
         if archive_format(path) is None:
             raise DownloadError(f"download.source {source!r}: a file must be a zip or tar archive "
                                 "(.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")
+        return "archive"
+    return "idx" if _is_idx(path) else "folder"
+
+
+def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | None) -> Resolved:
+    """Candidates for `download.source`; `per_class` is the effective download.max_images_per_class."""
+    presets = load_presets()
+    source = params.source
+    kind = source_kind(source, presets)
+    if params.labels is not None and kind in ("preset", "idx"):
+        raise DownloadError(
+            f"download.labels={params.labels!r} labels a folder or archive source, but download.source "
+            f"{source!r} names its own labels: set download.labels to null"
+        )
+    if kind == "preset":
+        preset = presets[source]
+        if preset["kind"] == "idx":
+            folder = _idx_folder(source, preset, params, layout)
+            return Resolved(*idx_candidates(folder, preset.get("classes"), per_class, params.sample_seed))
+        return _url_candidates(preset["url"], preset.get("sha256"), preset, params, layout)
+    if kind == "url":
+        return _url_candidates(source, params.sha256, {}, params, layout)
+    path = Path(source).expanduser()
+    if kind == "archive":
         if params.sha256 and sha256_file(path) != params.sha256:
             raise DownloadError(f"{path}: sha256 does not match download.sha256={params.sha256}")
         return _labelled(_extract(path, {}, params, layout), {}, params, layout)
-    if _is_idx(path):
+    if kind == "idx":
         return Resolved(*idx_candidates(path, None, per_class, params.sample_seed))
     return _labelled(path, {}, params, layout)
 
