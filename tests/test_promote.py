@@ -13,7 +13,6 @@ import pytest
 from headstart.data.manifest import read_split_manifest
 from headstart.layout import Layout
 from headstart.registry import Registry
-from headstart.serving import load_predictor
 from tasks import cli, download, evaluate, export, features, finetune, promote, split, train_head
 from tests.conftest import write_class_folders
 from tests.model_fixture import trained_params
@@ -49,23 +48,22 @@ def _test_paths(layout: Layout) -> list[str]:
     return read_split_manifest(layout.split_manifest).query("split == 'test'")["path"].tolist()
 
 
-def _probabilities(model: Path, image: Path) -> dict[str, float]:
-    from headstart.data.images import load_rgb
-
-    predictor = load_predictor(model)
-    probs = predictor.predict([load_rgb(image, target_size=predictor.image_size)])[0]
-    return {name: round(float(p), 6) for name, p in zip(predictor.classes, probs, strict=True)}
+@pytest.fixture(scope="module")
+def promoted(trained_tree, tmp_path_factory) -> tuple[Layout, dict[str, Any]]:
+    """The session's trained tree, evaluated, exported and through its first promote (built once)."""
+    layout = copy_tree(trained_tree.root, tmp_path_factory.mktemp("promoted") / "tree")
+    return layout, _retrain(layout, ())
 
 
 @pytest.fixture
-def tree(trained_tree, tmp_path: Path) -> Layout:
-    """A private copy of the session's trained tree (its stages write into it freely)."""
-    return copy_tree(trained_tree.root, tmp_path / "tree")
+def tree(promoted, tmp_path: Path) -> Layout:
+    """A private copy of the promoted tree (its stages write into it freely)."""
+    return copy_tree(promoted[0].root, tmp_path / "tree")
 
 
-def test_first_promotes_a_worse_challenger_is_kept_out_force_and_rollback(tree: Layout, capsys) -> None:
+def test_first_promotes_a_worse_challenger_is_kept_out_force_and_rollback(promoted, tree: Layout, capsys) -> None:
     registry = Registry.of(tree)
-    first = _retrain(tree, ())
+    first = promoted[1]
     assert first == {"outcome": "promoted", "champion_before": None, "champion_after": "v1", "registered": "v1"}
     assert "No champion yet" in tree.data_diff_md.read_text()
     entry = registry.entry("v1")
@@ -84,18 +82,18 @@ def test_first_promotes_a_worse_challenger_is_kept_out_force_and_rollback(tree: 
     assert "Same images as the data `v1` was trained on." in tree.data_diff_md.read_text()
     image = tree.root / _test_paths(tree)[0]
     served = _predict(capsys, tree, image)
-    assert served == pytest.approx(_probabilities(registry.path("v1") / "model.keras", image), abs=1e-5)
-    assert served != pytest.approx(_probabilities(tree.export_dir / "model.keras", image), abs=1e-3)
+    assert served == pytest.approx(_predict(capsys, tree, image, "--model", "v1"), abs=1e-6)
 
     forced = promote.run(_params(tree.root, promote={"force": True}), tree)
     assert forced["registered"] == "v2" and registry.champion() == "v2"
     assert _report(tree)["reason"].startswith("promote.force is set: promoted although")
-    assert _predict(capsys, tree, image) == pytest.approx(_predict(capsys, tree, image, "--model", "v2"), abs=1e-6)
+    challenger = (tree.export_dir / "model.keras").read_bytes()
+    assert (tree.champion_dir / "model.keras").read_bytes() == challenger == (registry.path("v2") / "model.keras").read_bytes()
+    assert _predict(capsys, tree, image, "--model", "v2") != pytest.approx(served, abs=1e-3)
 
     assert cli.main(["registry", "rollback", "v1", "--root", str(tree.root)]) == 0
     assert "* v1" in capsys.readouterr().out
     assert _predict(capsys, tree, image) == pytest.approx(served, abs=1e-6)
-    assert _predict(capsys, tree, image, "--model", "headstart-classifier@v1") == pytest.approx(served, abs=1e-6)
     again = promote.run(_params(tree.root), tree)  # the rolled-back challenger is not promoted again
     assert again["outcome"] == "kept" and registry.champion() == "v1"
     assert "already registered as v2" in _report(tree)["reason"]
@@ -103,7 +101,6 @@ def test_first_promotes_a_worse_challenger_is_kept_out_force_and_rollback(tree: 
 
 def test_a_changed_class_set_is_compared_on_the_shared_classes(tree: Layout, fashion_arrays) -> None:
     registry = Registry.of(tree)
-    assert _retrain(tree, ())["registered"] == "v1"
     champion_classes = registry.entry("v1")["classes"]
     gone = champion_classes[-1]
     shutil.rmtree(tree.root / "source" / gone)
