@@ -139,3 +139,14 @@ def test_predict_without_a_champion_says_what_to_run(tmp_path: Path, capsys) -> 
     assert cli.main(["predict", "x.png", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no champion is served yet" in err and "dvc repro" in err
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("promote.tolerance", -0.1, "key 'promote.tolerance' has value -0.1"),
+    ("promote.class_change", "ignore", "key 'promote.class_change' has value 'ignore'"),
+])
+def test_bad_promote_params_name_the_key(key: str, value: object, message: str) -> None:
+    from headstart.params import ParamsError, load_params
+
+    with pytest.raises(ParamsError, match=message):
+        load_params("no-such-params.yaml", {key: value})
