@@ -108,7 +108,7 @@ def decide(p: PromoteParams, champion: Predictions, challenger: Predictions) -> 
     change, low, high = found.accuracy_change
     problems = []
     if found.mcnemar_p < p.alpha and found.head_only_right < found.base_only_right:
-        problems.append(f"it is significantly worse (McNemar p = {found.mcnemar_p:.4g} < alpha {p.alpha:g}: "
+        problems.append(f"it is significantly worse (McNemar p < promote.alpha {p.alpha:g}: "
                         f"{found.base_only_right} images lost, {found.head_only_right} gained)")
     if change < -p.tolerance:
         problems.append(f"its accuracy fell by {-change:.4f} > promote.tolerance {p.tolerance:g}")
@@ -163,5 +163,5 @@ def write_report(layout: Layout, decision: Decision, before: str | None, after: 
         lines += [f"Served from `models/champion` (`headstart predict`; `--model {registered}` names it). After "
                   f"committing dvc.lock, tag it for DVC's model registry: `gto register {ARTIFACT} HEAD --version "
                   f"{tag}` and `gto assign {ARTIFACT} --version {tag} --stage prod`.", ""]
-    atomic_write_text(layout.promotion_md, "\n".join(lines))
+    atomic_write_text(layout.promotion_md, "\n".join(lines).rstrip() + "\n")
     return record

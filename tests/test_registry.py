@@ -134,6 +134,10 @@ def test_a_damaged_pointer_is_a_clear_error_and_rollback_repairs_it(two_versions
     assert cli.main(["registry", "rollback", "v2", "--root", str(two_versions.root)]) == 0
     assert registry.champion() == "v2" and "* v2" in capsys.readouterr().out
 
+    (registry.path("v1") / "entry.json").unlink()  # a damaged version folder is named too
+    assert cli.main(["registry", "list", "--root", str(two_versions.root)]) == 2
+    assert "v1/entry.json: not readable" in capsys.readouterr().err
+
 
 def test_predict_without_a_champion_says_what_to_run(tmp_path: Path, capsys) -> None:
     assert cli.main(["predict", "x.png", "--root", str(tmp_path)]) == 2
