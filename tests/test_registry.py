@@ -154,3 +154,9 @@ def test_bad_promote_params_name_the_key(key: str, value: object, message: str) 
 
     with pytest.raises(ParamsError, match=message):
         load_params("no-such-params.yaml", {key: value})
+
+
+def test_promote_without_an_export_says_which_stage_to_run(tmp_path: Path, capsys) -> None:
+    assert cli.main(["promote", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "models/export/model_card.json not found: run the export stage first" in err
