@@ -137,3 +137,30 @@ class Layout:
     @property
     def export_dir(self) -> Path:
         return self.root / "models" / "export"
+
+    # promote
+    @property
+    def registry_dir(self) -> Path:
+        """Every promoted model as a version and the champion pointer (headstart/registry.py)."""
+        return self.root / "models" / "registry"
+
+    @property
+    def champion_dir(self) -> Path:
+        """A copy of the champion's version folder: what `headstart predict` serves by default."""
+        return self.root / "models" / "champion"
+
+    @property
+    def data_diff_json(self) -> Path:
+        return self.reports_dir / "data_diff.json"
+
+    @property
+    def data_diff_md(self) -> Path:
+        return self.reports_dir / "data_diff.md"
+
+    @property
+    def promotion_json(self) -> Path:
+        return self.reports_dir / "promotion.json"
+
+    @property
+    def promotion_md(self) -> Path:
+        return self.reports_dir / "promotion.md"

@@ -18,7 +18,7 @@ SOURCE_STAGE = "fingerprint"
 """dvc.yaml's first stage: the source's fingerprint, a dep of download. It is not one of STAGES, whose results
 DVC and Prefect cache: it runs on every `dvc repro` (always_changed) and every flow run that includes download,
 and its output changes only when the data does."""
-STAGES = ("download", "split", "features", "train_head", "audit", "finetune", "evaluate", "export")
+STAGES = ("download", "split", "features", "train_head", "audit", "finetune", "evaluate", "export", "promote")
 TOOLS = ("lr_find",)  # run like a stage (same params and layout), outside the pipeline
 
 
@@ -238,6 +238,34 @@ class ExportParams(_Section):
     )
 
 
+class PromoteParams(_Section):
+    """The gate between the newly exported model (the challenger) and the registry's champion, both
+    scored on today's test split (headstart/promotion.py)."""
+
+    tolerance: float = Field(
+        0.01, ge=0, le=1, description="Largest accuracy loss allowed (challenger - champion >= -tolerance). One "
+        "point: on ~1,400 test images a paired difference between two equally good retrains has a noise of "
+        "about half a point, so an equally good model rarely falls below it, while a worse one does.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="A challenger is significantly worse when McNemar's exact test gives "
+        "p < alpha and it gets more of the changed images wrong than right.",
+    )
+    block_on_dropped_class: bool = Field(
+        False, description="Also keep the champion when a class's F1 dropped beyond the noise (its paired 95% "
+        "interval below 0). Off: with 10 classes one such flag appears in ~1 run in 5 by chance alone; the "
+        "report always lists them.",
+    )
+    class_change: Literal["compare_shared", "require_force"] = Field(
+        "compare_shared", description="When the challenger's classes differ from the champion's: compare on the "
+        "test images of the classes both know (new classes have no baseline), or keep the champion unless "
+        "promote.force is set.",
+    )
+    force: bool = Field(False, description="Promote the challenger whatever the comparison says (it is still reported).")
+    resamples: int = Field(1000, ge=1, description="Paired bootstrap resamples of the accuracy and F1 changes.")
+    seed: int = Field(0, ge=0, description="Seed of the bootstrap draws (fixed: a rerun reports the same interval).")
+
+
 class Params(_Section):
     download: DownloadParams = DownloadParams()
     split: SplitParams = SplitParams()
@@ -248,6 +276,7 @@ class Params(_Section):
     audit: AuditParams = AuditParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    promote: PromoteParams = PromoteParams()
 
 
 def _describe(error: dict[str, Any], origin: str) -> str:

@@ -25,6 +25,8 @@ import requests
 
 from headstart.data.images import ImageError, is_candidate_image, load_rgb
 from headstart.data.sources.fetch import disallowed_scheme
+from headstart.layout import Layout
+from headstart.registry import resolve_model
 from headstart.serving import MODEL_CARD, Predictor, load_predictor
 
 CHUNK = 32
@@ -248,12 +250,13 @@ def main(args: argparse.Namespace) -> int:
     """CLI entry: exit 0 when every input was predicted, 1 when any failed."""
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    model = resolve_model(args.model, Layout(Path(args.root)))
     explain = None
     if args.explain is not None:  # first: a model Grad-CAM cannot explain is refused before any prediction
         from headstart.explain import overlay_writer
 
-        explain = overlay_writer(Path(args.model), args.explain_layer, Path(args.explain))
-    predictor = load_predictor(args.model)
+        explain = overlay_writer(model, args.explain_layer, Path(args.explain))
+    predictor = load_predictor(model)
     if predictor.image_size is None:
         print(f"headstart predict: warning: no {MODEL_CARD} beside {args.model}, so its input size is "
               "unknown: images are decoded at full size (more memory; large photos come out slightly "

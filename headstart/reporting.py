@@ -155,4 +155,13 @@ def run_report(layout: Layout, outcomes: list[dict[str, Any]]) -> str:
     figures = sorted(layout.reports_dir.glob("**/*confusion*"))
     lines += ["", "## Confusion matrix", ""]
     lines += [f"- `{path.resolve()}`" for path in figures] or ["Not produced yet: the evaluate stage has not run."]
+    lines += ["", *promotion_sections(layout)]
     return "\n".join(lines) + "\n"
+
+
+def promotion_sections(layout: Layout) -> list[str]:
+    """The promote stage's data diff and gate decision (reports/*.md), for the run artifact and the PR report."""
+    written = [path for path in (layout.data_diff_md, layout.promotion_md) if path.exists()]
+    if not written:
+        return ["## Promotion gate", "", "Not run yet: the promote stage writes the data diff and the decision."]
+    return [path.read_text(encoding="utf-8").rstrip() + "\n" for path in written]

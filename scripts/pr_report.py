@@ -2,7 +2,8 @@
 
 Writes OUT/report.md (the Markdown a CI job posts on the pull request: `dvc params diff`,
 `dvc metrics diff`, a pointer to the plots, and a paired comparison of the base commit's and the
-workspace's per-image test predictions, which tells a real change from noise) and
+workspace's per-image test predictions, which tells a real change from noise, then the promote
+stage's data diff and gate decision) and
 OUT/plots/index.html (`dvc plots diff`), plus a PNG per changed linear plot when matplotlib can
 draw it. Run it from the repository root, e.g.
 
@@ -20,7 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from headstart.reporting import markdown_table
+from headstart.layout import Layout
+from headstart.reporting import markdown_table, promotion_sections
 from headstart.uncertainty import (
     LEVEL,
     PredictionsError,
@@ -161,6 +163,7 @@ def build_report(base: str, cwd: Path, out: Path, png: bool = True, predictions:
              "`plots/index.html` (the `dvc plots diff` page) is attached to this run."]
     lines += [f"![{png_path.stem}]({png_path.name})" for png_path in pngs]
     lines += ["", *paired_section(base, cwd, predictions, resamples, seed)]
+    lines += ["", *(line.replace("## ", "### ", 1) for line in promotion_sections(Layout(cwd)))]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="classify images, folders or URLs with an exported model")
     predict.add_argument("inputs", nargs="+", metavar="PATH|DIR|URL")
-    predict.add_argument("--model", default="models/export/model.keras", help="any exported format")
+    predict.add_argument("--model", default="champion",
+                         help="champion (default: models/champion, the promoted model), a registry version (v3, "
+                              "headstart-classifier@v3), or the path of any exported format")
+    predict.add_argument("--root", default=".", help="project root holding models/ (default: .)")
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     predict.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest URL download (default: 20 MiB)")
@@ -73,7 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write a Grad-CAM overlay PNG per image into DIR (needs the .keras model)")
     predict.add_argument("--explain-layer", metavar="LAYER", default=None,
                          help="backbone layer to explain (default: the last conv block)")
+
+    registry = commands.add_parser("registry", help="list the promoted model versions, or roll back to one")
+    actions = registry.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "every version, the champion marked *"),
+                         ("rollback", "serve an earlier version again (moves the champion pointer)")):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument("--root", default=".", help="project root holding models/ (default: .)")
+        if action == "rollback":
+            sub.add_argument("version", help="v2, headstart-classifier@v2 or headstart-classifier@v2.0.0")
+            sub.add_argument("--reason", default="", help="recorded in models/registry/registry.json")
     return parser
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from headstart.registry import describe, rollback
+
+    layout = Layout(Path(args.root))
+    if args.action == "rollback":
+        version = rollback(layout, args.version, args.reason)
+        print(f"headstart registry: {version} is the champion, served from {layout.champion_dir}. Record it with "
+              "`dvc commit promote` and a git commit.")
+    print(describe(layout))
+    return 0
 
 
 def _run_stage(stage: str, args: argparse.Namespace) -> None:
@@ -107,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             from headstart.predict import main as predict_main
 
             return predict_main(args)
+        if args.command == "registry":
+            return _registry(args)
     except (ParamsError, FileNotFoundError, ValueError) as exc:
         return _fail(args, str(exc))
     except OSError as exc:

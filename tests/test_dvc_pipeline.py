@@ -95,6 +95,7 @@ def test_whole_pipeline_from_scratch_remote_round_trip_then_only_what_changed(re
     remote = tmp_path / "remote"
     _run(repo, "dvc", "remote", "add", "-d", "local", str(remote))
     _run(repo, "dvc", "push")
+    champion_after_one_run(repo, tmp_path / "got")
     pushed = {out: hash_path(repo / out) for out in CACHED_OUTS}
     assert all(pushed.values())
     for out in CACHED_OUTS:
@@ -106,6 +107,27 @@ def test_whole_pipeline_from_scratch_remote_round_trip_then_only_what_changed(re
 
     _set_params(repo, {"train_head.learning_rate": 0.01})
     assert _ran(_run(repo, "dvc", "repro")) == list(STAGES[STAGES.index("train_head"):])
+    promotion = json.loads((repo / "reports" / "promotion.json").read_text())
+    registry = repo / "models" / "registry"
+    assert promotion["champion_before"] == "v1" and promotion["comparison"]["images"] > 0
+    expected = ["v1", "v2"] if promotion["outcome"] == "promoted" else ["v1"]  # v1 survives the rerun (persist)
+    assert sorted(p.name for p in registry.glob("v*")) == expected, promotion
+
+
+def champion_after_one_run(repo: Path, got: Path) -> None:
+    """The first run promoted v1 and serves it; GTO tags it and `dvc artifacts get` fetches it by that tag."""
+    promotion = json.loads((repo / "reports" / "promotion.json").read_text())
+    assert (promotion["outcome"], promotion["champion_after"]) == ("promoted", "v1")
+    served = repo / "models" / "champion" / "model.keras"
+    assert hash_path(served) == hash_path(repo / "models" / "registry" / "v1" / "model.keras")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "first champion")
+    _run(repo, "gto", "register", "headstart-classifier", "HEAD", "--version", "v1.0.0")
+    _run(repo, "gto", "assign", "headstart-classifier", "--version", "v1.0.0", "--stage", "prod")
+    shown = json.loads(_run(repo, "gto", "show", "--json"))["headstart-classifier"]
+    assert (shown["version"], shown["stage"]) == ("v1.0.0", {"prod": "v1.0.0"})
+    _run(repo, "dvc", "artifacts", "get", str(repo), "headstart-classifier", "--stage", "prod", "-o", str(got))
+    assert hash_path(got / "model.keras") == hash_path(served)
 
 
 def test_a_stage_reruns_when_a_library_module_it_imports_changes(repo: Path) -> None:

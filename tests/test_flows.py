@@ -264,6 +264,10 @@ def test_whole_pipeline_reruns_only_what_a_param_change_touches(tmp_path: Path, 
     accuracy = metrics["test"]["accuracy"]
     assert re.search(rf"^\| test\.accuracy +\| {accuracy:.4f} +\|", artifact.data, re.MULTILINE)
     assert str((layout.reports_dir / "figures" / "confusion_matrix.png").resolve()) in artifact.data
+    promotion = json.loads(layout.promotion_json.read_text())  # the gate ran again, against the first champion
+    assert promotion["champion_before"] == "v1" and promotion["outcome"] in ("promoted", "kept")
+    assert layout.promotion_md.read_text().splitlines()[0] in artifact.data
+    assert "## Data since the champion" in artifact.data and "Same images as the data `v1`" in artifact.data
 
 
 def test_sharded_features_on_two_dask_workers_match_the_single_process_run(tmp_path: Path, images: Path) -> None:

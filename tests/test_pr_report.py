@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from headstart.datadiff import diff_data, write_diff
+from headstart.layout import Layout
 from tests.conftest import FASHION_CLASSES, REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -148,6 +150,13 @@ def test_a_base_without_predictions_is_said_and_the_report_goes_on(repo: Path) -
     report = (out / "report.md").read_text()
     assert "`HEAD~1` has no `reports/predictions.csv`, so there is nothing to pair" in report
     assert next(line for line in report.splitlines() if line.startswith("| metrics.json"))  # the diffs still ran
+    assert "### Promotion gate\n\nNot run yet: the promote stage writes the data diff" in report
+
+    layout = Layout(repo)  # the promote stage's data diff, as it writes it on a first run
+    table = pd.DataFrame({"path": ["data/raw/a/1.png", "data/raw/b/2.png"], "label": ["a", "b"], "sha256": ["0" * 64] * 2})
+    write_diff(diff_data(None, table), layout.data_diff_json, layout.data_diff_md)
+    assert pr_report.main(args) == 0
+    assert "### Data since the champion\n\nNo champion yet" in (out / "report.md").read_text()
 
 
 def test_an_unknown_base_ref_is_a_clear_error(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
