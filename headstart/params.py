@@ -8,6 +8,7 @@ everywhere, with a message that names the key, the value and what is allowed.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -288,13 +289,31 @@ def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in seen:
+                raise ParamsError(
+                    f"{key_node.start_mark.name}: key {key!r} is given twice, on lines {seen[key]} and {line}; "
+                    "only one would be used: merge the two into one."
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read `params.yaml` (missing file: all defaults) and apply overrides (nested or dotted keys)."""
     path = Path(path)
     raw: dict[str, Any] = {}
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            with open(path) as handle:
+                raw = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ParamsError(f"{path}: not valid YAML ({exc}). Fix the file or restore it from git.") from None
         if not isinstance(raw, dict):

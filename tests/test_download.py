@@ -187,7 +187,7 @@ def test_flowers17_labels_by_file_index(tmp_path, fashion_arrays):
     folder.mkdir()
     for number in (1, 80, 81, 160):
         Image.fromarray(images[number]).save(folder / f"image_{number:04d}.jpg")
-    candidates, _ = folder_candidates(tmp_path, load_presets()["flowers17"])
+    candidates, *_ = folder_candidates(tmp_path, load_presets()["flowers17"])
     assert {c.name: c.label for c in candidates} == {
         "image_0001.jpg": "daffodil", "image_0080.jpg": "daffodil", "image_0081.jpg": "snowdrop", "image_0160.jpg": "snowdrop"}
 
@@ -197,7 +197,7 @@ def test_cats_vs_dogs_labels_from_file_names(tmp_path, photos):
         shutil.copy(photos["dog"], tmp_path / name)
     (tmp_path / "PetImages" / "Cat").mkdir(parents=True)
     shutil.copy(photos["dog"], tmp_path / "PetImages" / "Cat" / "3.jpg")
-    candidates, _ = folder_candidates(tmp_path, load_presets()["cats_vs_dogs"])
+    candidates, *_ = folder_candidates(tmp_path, load_presets()["cats_vs_dogs"])
     assert sorted((c.name, c.label) for c in candidates) == [("3.jpg", "cat"), ("cat.1.jpg", "cat"), ("dog.7.jpg", "dog")]
 
 

@@ -39,6 +39,11 @@ def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | 
     """Candidates for `download.source`; `per_class` is the effective download.max_images_per_class."""
     presets = load_presets()
     source = params.source
+    if not source.strip():
+        raise DownloadError(
+            "download.source is empty: set it to a preset name, a folder of class sub-folders, an archive or "
+            f"an http(s) URL. Presets: {', '.join(sorted(presets))}"
+        )
     if params.labels is not None and (source in presets or _is_idx(Path(source).expanduser())):
         raise DownloadError(
             f"download.labels={params.labels!r} labels a folder or archive source, but download.source "
@@ -57,6 +62,7 @@ def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | 
         raise DownloadError(
             f"download.source {source!r}: no such preset, folder or file. Presets: {', '.join(sorted(presets))}"
         )
+    _check_outside_project(source, path, layout)
     if path.is_file():
         if archive_format(path) is None:
             raise DownloadError(f"download.source {source!r}: a file must be a zip or tar archive "
@@ -69,6 +75,17 @@ def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | 
     return _labelled(path, {}, params, layout)
 
 
+def _check_outside_project(source: str, path: Path, layout: Layout) -> None:
+    """A source that is or holds the project would read the pipeline's own outputs as classes."""
+    project = layout.root.resolve()
+    if path.is_dir() and project.is_relative_to(path.resolve()):
+        what = "the project folder" if path.resolve() == project else "a folder holding the project folder"
+        raise DownloadError(
+            f"download.source {source!r} is {what} {project}, whose data/, models/ and reports/ would be read "
+            "as classes: point it at the folder of your images"
+        )
+
+
 def _is_idx(path: Path) -> bool:
     return path.is_dir() and bool(find_idx(path, "train", "images") or find_idx(path, "t10k", "images"))
 
@@ -76,7 +93,8 @@ def _is_idx(path: Path) -> bool:
 def _labelled(folder: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Resolved:
     """Labels from download.labels when set, else from the class folders."""
     if params.labels is None:
-        return Resolved(*folder_candidates(folder, preset))
+        candidates, skipped, quarantined = folder_candidates(folder, preset)
+        return Resolved(candidates, skipped, quarantined=quarantined)
     found = labelled_images(find_labels_file(params.labels, layout.root, folder), folder)
     return Resolved(found.candidates, quarantined=found.quarantined, unlisted=found.unlisted)
 

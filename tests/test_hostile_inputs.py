@@ -1,0 +1,135 @@
+"""Hostile and careless inputs: each gives one clear line naming the file, key or value, or is healed."""
+
+from __future__ import annotations
+
+import shutil
+import unicodedata
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from headstart.data.sources.candidates import DownloadError
+from headstart.layout import Layout
+from headstart.params import ParamsError, load_params
+from tasks import download
+
+
+def _download(project: Path, **download_params) -> Layout:
+    layout = Layout(project)
+    params = load_params(project / "absent.yaml", {f"download.{k}": v for k, v in download_params.items()})
+    download.run(params, layout)
+    return layout
+
+
+def _classes(layout: Layout) -> list[str]:
+    return sorted(pd.read_csv(layout.raw_manifest, dtype=str, keep_default_na=False)["label"].unique())
+
+
+# --------------------------------------------------------------------------- sources that are not what they seem
+
+
+@pytest.mark.parametrize("source", ["", "  "])
+def test_empty_source_is_refused(tmp_path, source):
+    with pytest.raises(DownloadError, match="download.source is empty"):
+        _download(tmp_path / "project", source=source, max_images_per_class=None)
+
+
+@pytest.mark.parametrize("which", ["project", "parent"])
+def test_source_holding_the_project_is_refused(tmp_path, small_dataset, monkeypatch, which):
+    project = small_dataset / "project"  # images beside the project: the folder holds both
+    project.mkdir()
+    monkeypatch.chdir(project)
+    source = "." if which == "project" else ".."
+    with pytest.raises(DownloadError, match=r"download.source '\.\.?' is (the project folder|a folder holding)"):
+        _download(Path("."), source=source, max_images_per_class=None)
+    assert not Path("data/raw").exists()
+
+
+def test_class_folder_symlink_inside_the_source_is_followed(tmp_path, small_dataset):
+    (small_dataset / "trouser").rename(small_dataset / ".store")
+    (small_dataset / "trouser").symlink_to(small_dataset / ".store")
+    layout = _download(tmp_path / "project", source=str(small_dataset), max_images_per_class=None)
+    assert _classes(layout) == ["pullover", "t-shirt", "trouser"]
+
+
+def test_class_folder_symlink_outside_the_source_is_refused_by_name(tmp_path, small_dataset):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (small_dataset / "trouser").rename(elsewhere / "trouser")
+    (small_dataset / "trouser").symlink_to(elsewhere / "trouser")
+    with pytest.raises(DownloadError, match=rf"{small_dataset / 'trouser'}: a symbolic link to the folder .*outside"):
+        _download(tmp_path / "project", source=str(small_dataset), max_images_per_class=None)
+
+
+def test_file_symlink_outside_the_source_is_quarantined_as_labels_files_do(tmp_path, small_dataset):
+    outside = tmp_path / "outside.png"
+    shutil.copy(small_dataset / "trouser" / "00001.png", outside)
+    link = small_dataset / "pullover" / "linked.png"
+    link.symlink_to(outside)
+    layout = _download(tmp_path / "project", source=str(small_dataset), max_images_per_class=None)
+    quarantine = pd.read_csv(layout.quarantine)
+    assert quarantine["origin"].tolist() == [str(link)]
+    assert "leads outside the source folder" in quarantine["reason"][0]
+    assert not any(Path(p).name == "linked.png" for p in pd.read_csv(layout.raw_manifest)["path"])
+
+
+@pytest.mark.parametrize("through", ["folders", "labels"])
+def test_unicode_equivalent_class_names_are_one_class(tmp_path, small_dataset, through):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    (small_dataset / "trouser").rename(small_dataset / nfc)
+    (small_dataset / nfc / "00020.png").rename(small_dataset / "00020.png")
+    if through == "folders":
+        (small_dataset / nfd).mkdir()
+        (small_dataset / "00020.png").rename(small_dataset / nfd / "00020.png")
+        layout = _download(tmp_path / "project", source=str(small_dataset), max_images_per_class=None)
+    else:
+        rows = [f"{p.relative_to(small_dataset).as_posix()},{p.parent.name}" for p in small_dataset.glob("*/*.png")]
+        rows.append(f"00020.png,{nfd}")
+        (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+        layout = _download(tmp_path / "project", source=str(small_dataset), labels=str(tmp_path / "labels.csv"),
+                           max_images_per_class=None)
+    assert _classes(layout) == ["café", "pullover", "t-shirt"]
+    assert (layout.raw_dir / nfc / "00020.png").exists()
+
+
+@pytest.mark.parametrize("separator", ["\n", "\r", "\u2028", "\x85"])
+def test_class_name_with_a_line_separator_is_refused_at_download(tmp_path, small_dataset, separator):
+    bad = f"two{separator}lines"
+    (small_dataset / "trouser").rename(small_dataset / bad)
+    with pytest.raises(DownloadError, match=r"holds a line break.*a class name may hold letters") as error:
+        _download(tmp_path / "project", source=str(small_dataset), max_images_per_class=None)
+    assert repr(bad) in str(error.value)
+
+
+def test_label_over_the_folder_name_limit_is_quarantined_by_name(tmp_path, small_dataset):
+    long_label = "x" * 300
+    rows = [f"{p.relative_to(small_dataset).as_posix()},{p.parent.name}" for p in small_dataset.glob("*/*.png")]
+    rows[0] = rows[0].split(",")[0] + "," + long_label
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    layout = _download(tmp_path / "project", source=str(small_dataset), labels=str(tmp_path / "labels.csv"),
+                       max_images_per_class=None, min_images_per_class=5)
+    reason = pd.read_csv(layout.quarantine)["reason"].tolist()
+    assert len(reason) == 1 and "300 bytes in UTF-8, over the 255-byte limit" in reason[0]
+    assert "xxxxxxxx" in reason[0] and ".raw.tmp" not in reason[0]
+
+
+def test_labels_file_with_no_usable_row_names_the_file_and_its_rows(tmp_path, small_dataset):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\nmissing/1.png,a\nmissing/2.png,b\n,c\n")
+    with pytest.raises(DownloadError, match=rf"{labels}: none of its 3 rows can be used \(line 2: .*no such file"):
+        _download(tmp_path / "project", source=str(small_dataset), labels=str(labels))
+
+
+# --------------------------------------------------------------------------- parameter files
+
+
+def test_duplicate_key_in_params_yaml_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("download:\n  source: a\nsplit:\n  salt: s\ndownload:\n  source: b\n")
+    with pytest.raises(ParamsError, match=r"key 'download' is given twice, on lines 1 and 5"):
+        load_params(path)
+    path.write_text("train_head:\n  epochs: 3\n  learning_rate: 0.1\n  epochs: 4\n")
+    with pytest.raises(ParamsError, match=r"key 'epochs' is given twice, on lines 2 and 4"):
+        load_params(path)
