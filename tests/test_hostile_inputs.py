@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from headstart.data.sources.candidates import DownloadError
 from headstart.layout import Layout
 from headstart.params import ParamsError, load_params
 from tasks import download
+from tests.conftest import REPO_ROOT
 
 
 def _download(project: Path, **download_params) -> Layout:
@@ -133,3 +136,17 @@ def test_duplicate_key_in_params_yaml_is_refused_naming_both_lines(tmp_path):
     path.write_text("train_head:\n  epochs: 3\n  learning_rate: 0.1\n  epochs: 4\n")
     with pytest.raises(ParamsError, match=r"key 'epochs' is given twice, on lines 2 and 4"):
         load_params(path)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def test_flow_module_refuses_unknown_arguments_and_documents_its_own(capsys):
+    unknown = subprocess.run([sys.executable, "-m", "flows.pipeline", "--anything"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "unrecognized arguments: --anything" in unknown.stderr
+    from flows.pipeline import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0 and "--stages STAGE" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from filelock import FileLock
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from headstart.data.sources.candidates import DownloadError
+from headstart.data.sources.candidates import DownloadError, TransientDownloadError
 from headstart.files import atomic_write_text, sha256_bytes, sha256_file
 from headstart.progress import download_progress
 
@@ -76,8 +76,8 @@ def _session(retries: int) -> requests.Session:
     return session
 
 
-def _failed(url: str, part: Path, attempts: int, reason: object) -> DownloadError:
-    return DownloadError(
+def _failed(url: str, part: Path, attempts: int, reason: object) -> TransientDownloadError:
+    return TransientDownloadError(
         f"{url}: download failed after {attempts} attempts ({reason}). The partial file "
         f"{part} is kept and the next run resumes from it."
     )
