@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import subprocess
 import sys
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -150,3 +153,48 @@ def test_flow_module_refuses_unknown_arguments_and_documents_its_own(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--help"])
     assert exited.value.code == 0 and "--stages STAGE" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- caches that heal
+
+
+def test_truncated_decoded_image_cache_is_named_and_rebuilt(tmp_path, small_dataset, caplog):
+    from headstart.data.datasets import cached_images
+
+    paths = sorted(str(p) for p in small_dataset.glob("*/*.png"))[:24]
+    keys = [Path(p).name for p in paths]
+    first = np.array(cached_images(paths, keys, 32, "bilinear", tmp_path / "cache"))
+    (cache,) = (tmp_path / "cache").glob("images-*.npy")
+    with open(cache, "r+b") as handle:  # a copy cut short
+        handle.truncate(cache.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING):
+        healed = cached_images(paths, keys, 32, "bilinear", tmp_path / "cache")
+    np.testing.assert_array_equal(healed, first)
+    assert f"{cache} is damaged or incomplete" in caplog.text
+    data = bytearray(cache.read_bytes())  # same size, altered pixels: only the checksum tells
+    data[-1] ^= 0xFF
+    cache.write_bytes(bytes(data))
+    np.testing.assert_array_equal(cached_images(paths, keys, 32, "bilinear", tmp_path / "cache"), first)
+
+
+@pytest.mark.parametrize("damage", ["state_not_json", "weights_cut_short"])
+def test_damaged_finetune_checkpoint_is_named_and_not_resumed(tmp_path, caplog, damage):
+    import keras
+
+    from headstart.callbacks import EpochCheckpoints
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.save_weights(folder / "epoch-1.weights.h5")
+    state = {"epochs_done": 1, "last": "epoch-1.weights.h5", "best": "epoch-1.weights.h5", "history": []}
+    (folder / "state.json").write_text(json.dumps(state))
+    assert EpochCheckpoints.load(folder) == state
+    if damage == "state_not_json":
+        (folder / "state.json").write_text('{"epochs_done": 1, "last": ')
+    else:
+        weights = folder / "epoch-1.weights.h5"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        assert EpochCheckpoints.load(folder) is None
+    assert f"checkpoint {folder} is damaged" in caplog.text and "starting again from the head-only model" in caplog.text
