@@ -36,6 +36,20 @@ def parse_override(text: str) -> tuple[str, Any]:
         ) from None
 
 
+MAX_TIMEOUT_S = 86_400.0
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds up to a day (`inf` would overflow the transfer's deadline)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most {MAX_TIMEOUT_S:g}, got {text!r}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params", default=None, help="parameter file, which must exist (default: params.yaml, if present)"
@@ -67,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     predict.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest URL download (default: 20 MiB)")
-    predict.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per URL (default: 30)")
+    predict.add_argument("--timeout", type=seconds, default=30.0, help="seconds allowed per URL (default: 30)")
     predict.add_argument("--explain", metavar="DIR", default=None,
                          help="write a Grad-CAM overlay PNG per image into DIR (needs the .keras model)")
     predict.add_argument("--explain-layer", metavar="LAYER", default=None,

@@ -198,3 +198,44 @@ def test_damaged_finetune_checkpoint_is_named_and_not_resumed(tmp_path, caplog, 
     with caplog.at_level(logging.WARNING):
         assert EpochCheckpoints.load(folder) is None
     assert f"checkpoint {folder} is damaged" in caplog.text and "starting again from the head-only model" in caplog.text
+
+
+# --------------------------------------------------------------------------- exported models and predict
+
+
+def test_damaged_model_card_is_named_with_what_predict_can_do_without_it(tmp_path):
+    from headstart.serving import ModelFormatError, read_input_size
+
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"")
+    (tmp_path / "model_card.json").write_text('{"input": {resized_inside_to: [96, 96]}}')
+    with pytest.raises(ModelFormatError, match=rf"{tmp_path / 'model_card.json'}: damaged .*delete it: predict "
+                                               "still runs without it"):
+        read_input_size(model)
+    (tmp_path / "model_card.json").unlink()
+    assert read_input_size(model) is None
+
+
+def test_truncated_keras_file_is_called_damaged_not_missing(tmp_path):
+    import keras
+
+    from headstart.data.artifacts import ArtifactError, load_model
+    from headstart.serving import load_predictor
+
+    path = tmp_path / "model.keras"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match=rf"{path}: not a .keras zip archive \(truncated or damaged\)"):
+        load_predictor(path)
+    with pytest.raises(ArtifactError, match=r"truncated or damaged\): rerun `headstart finetune`"):
+        load_model(path, "finetune")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "1e300", "soon"])
+def test_predict_timeout_must_be_positive_finite_seconds(capsys, value):
+    from tasks.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["predict", "x.jpg", "--timeout", value])
+    assert exited.value.code == 2 and "--timeout: expected" in capsys.readouterr().err
+    assert build_parser().parse_args(["predict", "x.jpg", "--timeout", "2.5"]).timeout == 2.5

@@ -4,6 +4,7 @@ and class weights derived from the training labels. Stages read each other's out
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,23 @@ class ArtifactError(ValueError):
 def read_json(path: Path, stage: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `headstart {stage}` first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: damaged, not JSON ({exc}); rerun `headstart {stage}`") from None
+
+
+def require_keras_archive(path: Path, advice: str) -> None:
+    """A `.keras` file is a zip archive; Keras reports one cut short as "File not found", which it is not."""
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError(f"{path}: not a .keras zip archive (truncated or damaged): {advice}")
 
 
 def load_model(path: Path, stage: str) -> keras.Model:
     """Load a `.keras` file in safe mode (no Lambda layers or custom code are trusted)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `headstart {stage}` first")
+    require_keras_archive(path, f"rerun `headstart {stage}`")
     return keras.models.load_model(path, safe_mode=True, compile=False)
 
 
