@@ -37,6 +37,11 @@ class Layout:
         """Persistent download cache (outside DVC outs so a resumed transfer survives a rerun)."""
         return self.root / "data" / "cache" / "downloads"
 
+    @property
+    def download_lock(self) -> Path:
+        """Held over a whole download (transfer, extraction, the swap of data/raw): one at a time per project."""
+        return self.root / "data" / "cache" / "download.lock"
+
     # split
     @property
     def split_dir(self) -> Path:

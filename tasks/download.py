@@ -23,7 +23,7 @@ from headstart.data.images import ImageError, inspect_image
 from headstart.data.sources.candidates import Candidate, DownloadError, one_class
 from headstart.data.sources.presets import effective_settings
 from headstart.data.sources.resolve import extract_root, resolve_candidates
-from headstart.files import atomic_directory, atomic_path, atomic_write_json, remove_stale_temps
+from headstart.files import atomic_directory, atomic_path, atomic_write_json, exclusive, remove_stale_temps
 from headstart.layout import Layout
 from headstart.params import Params
 
@@ -154,7 +154,12 @@ def _sample_record(selected: list[Accepted], available: dict[str, int], per_clas
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
-    """Fetch, validate, de-duplicate and (optionally) sample the source into data/raw."""
+    """Fetch, validate, de-duplicate and (optionally) sample the source into data/raw, one run at a time."""
+    with exclusive(layout.download_lock, "download"):
+        return _download(params, layout)
+
+
+def _download(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.download
     per_class = effective_settings(params).max_images_per_class
     started = time.perf_counter()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import shutil
 import subprocess
 import sys
+import threading
 import unicodedata
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +242,70 @@ def test_predict_timeout_must_be_positive_finite_seconds(capsys, value):
         build_parser().parse_args(["predict", "x.jpg", "--timeout", value])
     assert exited.value.code == 2 and "--timeout: expected" in capsys.readouterr().err
     assert build_parser().parse_args(["predict", "x.jpg", "--timeout", "2.5"]).timeout == 2.5
+
+
+# --------------------------------------------------------------------------- archives and URLs
+
+
+@pytest.mark.parametrize("order", ["file_first", "folder_first"])
+def test_member_that_is_both_file_and_folder_names_archive_and_member(tmp_path, small_dataset, order):
+    archive = tmp_path / "bad.zip"
+    image = (small_dataset / "trouser" / "00001.png").read_bytes()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for name in (["ds/x", "ds/x/1.png"] if order == "file_first" else ["ds/x/1.png", "ds/x"]):
+            bundle.writestr(name, image)
+    with pytest.raises(DownloadError, match=rf"{archive}: member 'ds/x(/1.png)?' is both a file and a folder"):
+        _download(tmp_path / "project", source=str(archive))
+
+
+def test_empty_archive_message_names_the_archive(tmp_path):
+    archive = tmp_path / "empty.zip"
+    zipfile.ZipFile(archive, "w").close()
+    with pytest.raises(DownloadError, match=rf"^{archive}: no labelled images found in the archive") as error:
+        _download(tmp_path / "project", source=str(archive))
+    assert "data/cache/extract" not in str(error.value)
+
+
+class _Redirects(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 (http.server naming)
+        self.send_response(302)
+        self.send_header("Location", self.path)  # to itself, for ever
+        self.end_headers()
+
+
+def test_redirect_loop_names_the_url(tmp_path):
+    from headstart.data.sources.fetch import fetch_url
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirects)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/data.zip"
+    try:
+        with pytest.raises(DownloadError, match=rf"^{url}: redirect loop \(Exceeded 30 redirects"):
+            fetch_url(url, tmp_path / "data.zip", None, timeout_s=5, retries=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_second_download_in_a_project_waits_for_the_first_and_says_so(tmp_path, small_dataset, caplog):
+    from filelock import FileLock
+
+    layout = Layout(tmp_path / "project")
+    params = load_params(tmp_path / "absent.yaml", {"download.source": str(small_dataset),
+                                                    "download.max_images_per_class": None})
+    held = FileLock(layout.download_lock)
+    layout.download_lock.parent.mkdir(parents=True)
+    held.acquire()  # another download of this project, mid-way through unpacking
+    results = []
+    with caplog.at_level(logging.WARNING):
+        second = threading.Thread(target=lambda: results.append(download.run(params, layout)))
+        second.start()
+        second.join(3)
+        assert second.is_alive() and not layout.raw_dir.exists()
+        assert f"another run in this project holds {layout.download_lock}; waiting" in caplog.text
+        held.release()
+        second.join(60)
+    assert results and results[0]["images"] == 60

@@ -120,6 +120,8 @@ def _get(session: requests.Session, url: str, part: Path, offset: int, timeout_s
         return session.get(url, headers=headers, stream=True, timeout=timeout_s)
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
         raise _failed(url, part, retries + 1, exc) from None
+    except requests.TooManyRedirects as exc:
+        raise DownloadError(f"{url}: redirect loop ({exc}); check the URL in a browser") from None
 
 
 def _stream_to(session: requests.Session, url: str, part: Path, timeout_s: float, retries: int) -> None:

@@ -23,10 +23,11 @@ def dataset_root(folder: Path) -> Path:
 
 
 def folder_candidates(
-    folder: Path, preset: dict[str, Any] | None = None
+    folder: Path, preset: dict[str, Any] | None = None, archive: str | None = None
 ) -> tuple[list[Candidate], int, list[dict[str, str]]]:
     """Labelled candidates under `folder`, the number of files skipped (hidden, not images or unlabelled)
-    and the files quarantined (symbolic links leading outside `folder`, broken links).
+    and the files quarantined (symbolic links leading outside `folder`, broken links). `archive`: the
+    archive (path or URL) `folder` was extracted from, which messages name instead of the extraction cache.
 
     Class folders may sit inside split folders (train/, val/ or valid/ or validation/, test/): the split
     is kept as each candidate's `source_split`.
@@ -55,11 +56,13 @@ def folder_candidates(
             raise DownloadError(f"{path.parent}: {label_problem(label)}. Rename that class folder.")
         candidates.append(Candidate(label=label, name=path.name, origin=str(path), path=path, source_split=source_split))
     if not candidates:
+        shown = archive or folder
         if root != folder and any(is_candidate_image(p) for p in root.iterdir() if p.is_file()):
-            raise DownloadError(f"{folder}: {one_class(root.name)}")  # the wrapper folders led into a class
+            raise DownloadError(f"{shown}: {one_class(root.name)}")  # the wrapper folders led into a class
+        example = "cat/1.jpg inside it" if archive else folder / "cat" / "1.jpg"
         raise DownloadError(
-            f"{folder}: no labelled images found. Expected class sub-folders of images "
-            f"(e.g. {folder / 'cat' / '1.jpg'}), an archive, or IDX files."
+            f"{shown}: no labelled images found{' in the archive' if archive else ''}. Expected class "
+            f"sub-folders of images (e.g. {example}), an archive, or IDX files."
         )
     if splits:
         _check_train_holds_every_class(root, splits, candidates)

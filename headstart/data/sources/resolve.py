@@ -69,7 +69,7 @@ def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | 
                                 "(.zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")
         if params.sha256 and sha256_file(path) != params.sha256:
             raise DownloadError(f"{path}: sha256 does not match download.sha256={params.sha256}")
-        return _labelled(_extract(path, {}, params, layout), {}, params, layout)
+        return _labelled(_extract(path, {}, params, layout), {}, params, layout, archive=str(path))
     if _is_idx(path):
         return Resolved(*idx_candidates(path, None, per_class, params.sample_seed))
     return _labelled(path, {}, params, layout)
@@ -90,10 +90,11 @@ def _is_idx(path: Path) -> bool:
     return path.is_dir() and bool(find_idx(path, "train", "images") or find_idx(path, "t10k", "images"))
 
 
-def _labelled(folder: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Resolved:
-    """Labels from download.labels when set, else from the class folders."""
+def _labelled(folder: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout,
+              archive: str | None = None) -> Resolved:
+    """Labels from download.labels when set, else from the class folders (of `archive`, when extracted)."""
     if params.labels is None:
-        candidates, skipped, quarantined = folder_candidates(folder, preset)
+        candidates, skipped, quarantined = folder_candidates(folder, preset, archive)
         return Resolved(candidates, skipped, quarantined=quarantined)
     found = labelled_images(find_labels_file(params.labels, layout.root, folder), folder)
     return Resolved(found.candidates, quarantined=found.quarantined, unlisted=found.unlisted)
@@ -128,7 +129,7 @@ def _url_candidates(
         ) from None
     if not trusted:
         pin_first_use(archive)
-    return _labelled(folder, preset, params, layout)
+    return _labelled(folder, preset, params, layout, archive=url)
 
 
 def _extract(archive: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Path:
