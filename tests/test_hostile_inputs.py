@@ -309,3 +309,15 @@ def test_second_download_in_a_project_waits_for_the_first_and_says_so(tmp_path, 
         held.release()
         second.join(60)
     assert results and results[0]["images"] == 60
+
+
+@pytest.mark.parametrize("name", ["weights.h5", "base.weights.h5", "model.keras"])
+def test_weights_file_in_another_format_names_the_file_and_the_formats(tmp_path, name):
+    from headstart.backbones.registry import get_spec
+    from headstart.backbones.weights import weights_path
+
+    path = tmp_path / name
+    path.write_bytes(b"PK-not-really\x00" * 100)
+    with pytest.raises(ValueError, match=rf"weights file {path} is not (an HDF5 file|a .keras zip archive) .*"
+                                         r"HDF5 \(.weights.h5, .h5\) or a saved .keras model"):
+        weights_path(get_spec("mobilenet_v2_tv"), str(path))

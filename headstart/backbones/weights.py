@@ -7,8 +7,10 @@ import json
 import logging
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 
@@ -125,6 +127,13 @@ def weights_path(spec: BackboneSpec, weights: str) -> Path:
         )
     if not path.is_file():
         raise ValueError(f"weights file {path} does not exist (weights: {weights!r}); check the path")
+    keras_zip = path.suffix == ".keras"
+    if not (zipfile.is_zipfile(path) if keras_zip else h5py.is_hdf5(path)):
+        raise ValueError(
+            f"weights file {path} is not {'a .keras zip archive' if keras_zip else 'an HDF5 file'} (damaged, or "
+            "another format renamed): features.weights takes a Keras weights file, HDF5 (.weights.h5, .h5) or a "
+            "saved .keras model"
+        )
     return path
 
 
