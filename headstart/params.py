@@ -52,6 +52,17 @@ class DownloadParams(_Section):
     timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(4, ge=0, le=20)
 
+    @model_validator(mode="after")
+    def _sample_holds_the_minimum(self) -> DownloadParams:
+        cap = self.max_images_per_class
+        if isinstance(cap, int) and cap < self.min_images_per_class:
+            raise ValueError(
+                f"max_images_per_class={cap} samples fewer images per class than min_images_per_class="
+                f"{self.min_images_per_class} requires, so every class would be too small: raise the first or "
+                "lower the second"
+            )
+        return self
+
 
 class SplitParams(_Section):
     train: float = Field(0.7, gt=0, lt=1)

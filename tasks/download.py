@@ -89,8 +89,9 @@ def _sample(items: list[Accepted], per_class: int | None, seed: int) -> list[Acc
     return sampled
 
 
-def _check_classes(items: list[Accepted], minimum: int, layout: Layout) -> Counter:
-    """At least two classes, none too small, and none named like the manifest written beside them."""
+def _check_classes(items: list[Accepted], minimum: int, layout: Layout,
+                   duplicates: list[dict[str, str]]) -> Counter:
+    """At least two classes, none too small (naming the copies left out), none named like the manifest."""
     counts = Counter(item.candidate.label for item in items)
     if not counts:
         raise DownloadError(f"no usable images: every one was quarantined (reasons in {layout.quarantine})")
@@ -105,7 +106,10 @@ def _check_classes(items: list[Accepted], minimum: int, layout: Layout) -> Count
             )
     small = {label: n for label, n in sorted(counts.items()) if n < minimum}
     if small:
-        listing = ", ".join(f"'{label}' has {n}" for label, n in small.items())
+        copies = Counter(row["label"] for row in duplicates)
+        listing = ", ".join(f"'{label}' has {n}" + (f" ({copies[label]} more were byte copies of these, listed "
+                                                     f"in {layout.quarantine})" if copies[label] else "")
+                            for label, n in small.items())
         raise DownloadError(
             f"too few valid images to split: {listing} (download.min_images_per_class={minimum}). "
             "Add images to these classes, remove them, or lower the threshold."
@@ -171,7 +175,7 @@ def _download(params: Params, layout: Layout) -> dict[str, Any]:
     _write_csv(layout.quarantine, QUARANTINE_COLUMNS, quarantined)
     presampled = resolved.available is not None
     selected = kept if presampled else _sample(kept, per_class, p.sample_seed)
-    counts = _check_classes(selected, p.min_images_per_class, layout)
+    counts = _check_classes(selected, p.min_images_per_class, layout, duplicates)
     sample = _sample_record(selected, resolved.available or Counter(item.candidate.label for item in kept), per_class)
     rows = _write_raw(selected, layout, sample)
     summary = {

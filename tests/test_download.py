@@ -535,7 +535,7 @@ def test_truncated_gzipped_idx_is_named(tmp_path):
         shutil.copy(FASHION_DIR / name, folder / name)
     images = _truncate(folder / "t10k-images-idx3-ubyte.gz")
     with pytest.raises(DownloadError, match=rf"{images}: truncated or corrupt gzip file"):
-        _run(tmp_path, source=str(folder), max_images_per_class=5)
+        _run(tmp_path, source=str(folder), max_images_per_class=5, min_images_per_class=5)
 
 
 # --------------------------------------------------------------------------- outputs on disk

@@ -321,3 +321,19 @@ def test_weights_file_in_another_format_names_the_file_and_the_formats(tmp_path,
     with pytest.raises(ValueError, match=rf"weights file {path} is not (an HDF5 file|a .keras zip archive) .*"
                                          r"HDF5 \(.weights.h5, .h5\) or a saved .keras model"):
         weights_path(get_spec("mobilenet_v2_tv"), str(path))
+
+
+def test_sampling_below_the_minimum_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ParamsError, match=r"max_images_per_class=1 samples fewer images per class than "
+                                          r"min_images_per_class=10 requires"):
+        load_params(tmp_path / "absent.yaml", {"download.max_images_per_class": 1})
+    assert load_params(tmp_path / "absent.yaml", {"download.max_images_per_class": 10}).download.max_images_per_class
+
+
+def test_class_of_byte_copies_points_at_the_quarantined_duplicates(tmp_path, small_dataset):
+    trouser = small_dataset / "trouser"
+    for copy in sorted(trouser.iterdir())[1:]:
+        shutil.copy(trouser / "00001.png", copy)
+    with pytest.raises(DownloadError, match=r"'trouser' has 1 \(19 more were byte copies of these, listed in "
+                                            r".*quarantine.csv\)"):
+        _download(tmp_path / "project", source=str(small_dataset), max_images_per_class=None)
