@@ -221,6 +221,8 @@ def compare_predictions(base: Predictions, head: Predictions, resamples: int, se
     base_f1, head_f1 = point[0]["f1"][0], point[1]["f1"][0]
     per_class = pd.DataFrame({"class": classes, "base_f1": base_f1, "head_f1": head_f1, "f1_change": head_f1 - base_f1,
                               "low": f1_low, "high": f1_high, "dropped": f1_high < 0})
+    # a row per class the shared test images hold: a class only one commit knows has no image to score
+    per_class = per_class[per_class["class"].isin(set(paired["label"]))].reset_index(drop=True)
     base_accuracy, head_accuracy = float(point[0]["accuracy"][0]), float(point[1]["accuracy"][0])
     base_keys, head_keys = (set(zip(f["path"], f["label"], strict=True)) for f in (base.frame, head.frame))
     return PairedComparison(

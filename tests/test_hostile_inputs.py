@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -337,3 +338,61 @@ def test_class_of_byte_copies_points_at_the_quarantined_duplicates(tmp_path, sma
     with pytest.raises(DownloadError, match=r"'trouser' has 1 \(19 more were byte copies of these, listed in "
                                             r".*quarantine.csv\)"):
         _download(tmp_path / "project", source=str(small_dataset), max_images_per_class=None)
+
+
+# --------------------------------------------------------------------------- scripts/pr_report.py
+
+
+def _git(repo: Path, *args: str) -> None:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com", "PATH": os.environ["PATH"], "HOME": str(repo)}
+    subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
+
+
+def _predictions(path: Path, classes: list[str], labels: list[str], seed: int) -> None:
+    from headstart.uncertainty import write_predictions
+
+    probs = np.random.default_rng(seed).dirichlet(np.ones(len(classes)), size=len(labels))
+    write_predictions(path, [f"images/{i}.png" for i in range(len(labels))], labels, probs, classes)
+
+
+@pytest.fixture
+def pr_module():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import pr_report
+
+    yield pr_report
+    sys.path.remove(str(REPO_ROOT / "scripts"))
+
+
+def test_pr_report_per_class_table_has_a_row_per_shared_class(tmp_path, pr_module):
+    from headstart.uncertainty import compare_predictions, parse_predictions
+
+    shared, base_only = list("abcde"), list("xyz")
+    labels = [shared[i % 5] for i in range(60)]
+    _predictions(tmp_path / "base.csv", shared + base_only, labels, 0)
+    _predictions(tmp_path / "head.csv", shared, labels, 1)
+    found = compare_predictions(parse_predictions((tmp_path / "base.csv").read_text(), "base"),
+                                parse_predictions((tmp_path / "head.csv").read_text(), "head"), 50, 0)
+    assert found.per_class["class"].tolist() == shared
+
+
+def test_pr_report_non_utf8_predictions_and_missing_dvc_are_one_line(tmp_path, pr_module, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    (repo / "reports").mkdir(parents=True)
+    labels = ["café", "thé"] * 10
+    _predictions(repo / "reports" / "predictions.csv", ["café", "thé"], labels, 0)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "base")
+    text = (repo / "reports" / "predictions.csv").read_text(encoding="utf-8")
+    (repo / "reports" / "predictions.csv").write_bytes(text.encode("latin-1"))
+    section = "\n".join(pr_module.paired_section("HEAD", repo, "reports/predictions.csv", 50, 0))
+    assert "Not compared: reports/predictions.csv: not UTF-8 text (invalid continuation byte at byte" in section
+
+    only_git = tmp_path / "bin"
+    only_git.mkdir()
+    (only_git / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(only_git))
+    assert pr_module.main(["--base", "HEAD", "--repo", str(repo), "--out", str(tmp_path / "out"), "--no-png"]) == 2
+    assert "`dvc` is not on PATH" in capsys.readouterr().err
