@@ -66,7 +66,7 @@ class DownloadParams(_Section):
 
 class SplitParams(_Section):
     train: float = Field(0.7, gt=0, lt=1)
-    val: float = Field(0.15, ge=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1, description="Above 0: train_head, finetune and calibration need a val split.")
     test: float = Field(0.15, ge=0, lt=1)
     salt: str = Field("headstart-v1", min_length=1, description="Changing it reshuffles every split.")
     respect_existing_split: Literal[True, False, "auto"] = Field(
@@ -79,6 +79,11 @@ class SplitParams(_Section):
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitParams:
+        if self.val == 0:
+            raise ValueError(
+                "val must be above 0: train_head and finetune pick their best epoch on the val split, and "
+                "evaluate fits the calibration temperature on it (e.g. val: 0.15)"
+            )
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1.0, got {total:g}")

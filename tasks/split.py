@@ -143,8 +143,8 @@ def _check_every_split_filled(manifest: pd.DataFrame, params: SplitParams, kept_
         raise SplitError(
             f"class {label!r} has {len(group)} image(s), none for {' or '.join(empty)}: with split.val="
             f"{params.val:g} and split.test={params.test:g} every class needs at least {len(required)} "
-            f"images, one per split. Add images to it, remove it from download.source, or set "
-            f"split.{empty[0]}=0 (and raise split.train to match)."
+            "images, one per split. Add images to it, or remove it from download.source"
+            + (" (or set split.test=0 and raise split.train to match)." if empty == ["test"] else ".")
         )
 
 

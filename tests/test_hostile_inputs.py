@@ -396,3 +396,9 @@ def test_pr_report_non_utf8_predictions_and_missing_dvc_are_one_line(tmp_path, p
     monkeypatch.setenv("PATH", str(only_git))
     assert pr_module.main(["--base", "HEAD", "--repo", str(repo), "--out", str(tmp_path / "out"), "--no-png"]) == 2
     assert "`dvc` is not on PATH" in capsys.readouterr().err
+
+
+def test_no_val_split_is_refused_at_split_with_the_reason(tmp_path):
+    with pytest.raises(ParamsError, match=r"split: val must be above 0: train_head and finetune pick their best "
+                                          r"epoch on the val split"):
+        load_params(tmp_path / "absent.yaml", {"split": {"train": 0.8, "val": 0.0, "test": 0.2}})
