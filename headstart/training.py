@@ -129,7 +129,7 @@ def assemble(params: Params, layout: Layout) -> tuple[keras.Model, Backbone]:
     features = params.features
     backbone = load_backbone(features.backbone, features.weights, effective_settings(params).image_size,
                              layout.backbone_dir, allow_random=features.allow_random_weights)
-    head = keras.saving.load_model(layout.head_dir / "head.keras", compile=False, safe_mode=True)
+    head = keras.saving.load_model(layout.head_model, compile=False, safe_mode=True)
     return build_classifier(backbone, head), backbone
 
 

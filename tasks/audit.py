@@ -22,7 +22,7 @@ from headstart.audit import (
 )
 from headstart.data.artifacts import load_split, load_split_paths, read_features_info
 from headstart.data.manifest import read_split_manifest
-from headstart.files import atomic_path, atomic_write_json
+from headstart.files import atomic_path, atomic_write_json, remove_stale_temps
 from headstart.layout import Layout
 from headstart.params import Params
 
@@ -44,6 +44,7 @@ def _rows(layout: Layout, split: str, classes: list[str], dim: int, manifest_pat
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.audit
+    remove_stale_temps(*layout.outputs("audit"), layout.audit_figures_dir / "*")
     info = read_features_info(layout)
     manifest = read_split_manifest(layout.split_manifest)
     splits = {name: _rows(layout, name, info.classes, info.feature_dim,

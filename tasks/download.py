@@ -22,7 +22,7 @@ from typing import Any
 from headstart.data.images import ImageError, inspect_image
 from headstart.data.sources.candidates import Candidate, DownloadError, one_class
 from headstart.data.sources.presets import effective_settings
-from headstart.data.sources.resolve import extract_root, resolve_candidates
+from headstart.data.sources.resolve import resolve_candidates
 from headstart.files import atomic_directory, atomic_path, atomic_write_json, exclusive, remove_stale_temps
 from headstart.layout import Layout
 from headstart.params import Params
@@ -167,7 +167,7 @@ def _download(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.download
     per_class = effective_settings(params).max_images_per_class
     started = time.perf_counter()
-    remove_stale_temps(layout.raw_dir, layout.quarantine, extract_root(layout) / "*")
+    remove_stale_temps(layout.raw_dir, layout.quarantine, layout.extract_dir / "*")
     resolved = resolve_candidates(p, layout, per_class)
     accepted, quarantined = _validate(resolved.candidates, p.max_image_pixels)
     kept, duplicates = _deduplicate(accepted)

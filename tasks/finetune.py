@@ -36,7 +36,6 @@ from headstart.data.artifacts import (
     HeadInfo,
     ModelInfo,
     class_weights,
-    live_dir,
     read_features_info,
     read_head_info,
     write_info,
@@ -75,7 +74,7 @@ def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
                      "image_size": effective_settings(params).image_size},
         "class_weight": params.train_head.class_weight,
         "weights_id": weights_id,
-        "head": sha256_file(layout.head_dir / "head.keras"),
+        "head": sha256_file(layout.head_model),
         "manifest": sha256_file(layout.split_manifest),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -270,7 +269,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     state = checkpoints.state
     _check_baseline(state["history"][0], inputs)
 
-    live = Live(str(live_dir(layout, "finetune") if chief else scratch / "live"), dvcyaml=None, save_dvc_exp=False)
+    live = Live(str(layout.live_dir("finetune") if chief else scratch / "live"), dvcyaml=None, save_dvc_exp=False)
     _log_live(live, state["history"])
     if ft.enabled:
         _fit(model, data, ft, checkpoints, live, inputs.weights)

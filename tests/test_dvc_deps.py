@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from headstart.layout import Layout
 from headstart.params import STAGES, TOOLS
 from tests.conftest import REPO_ROOT
 
@@ -78,3 +79,13 @@ def test_package_init_files_hold_only_a_docstring() -> None:
         body = ast.parse(init.read_text()).body
         code = [node for node in body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
         assert not code, f"{init.relative_to(REPO_ROOT)} holds code; move it into a module"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_dvc_yaml_output_is_a_layout_path(stage: str) -> None:
+    """What dvc.yaml declares a stage writes is exactly what Layout says it writes (outs, metrics and plots)."""
+    declared = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"][stage]
+    outs = {next(iter(out)) if isinstance(out, dict) else out
+            for kind in ("outs", "metrics", "plots") for out in declared.get(kind, [])}
+    layout = Layout(Path("."))
+    assert outs == {path.as_posix() for path in layout.outputs(stage)}

@@ -250,5 +250,5 @@ def test_lr_find_writes_a_curve_and_a_suggestion_without_touching_models(layout:
     assert saved["suggested_learning_rate"] == pytest.approx(found["suggested_learning_rate"])
     assert saved["suggested_learning_rate"] == pytest.approx(saved["min_loss_learning_rate"] / 10)
     assert 1e-7 <= saved["suggested_learning_rate"] < 1.0
-    assert (layout.reports_dir / "figures" / "lr_find.png").stat().st_size > 1000
+    assert layout.lr_find_plot.stat().st_size > 1000 and layout.lr_find_plot.parent != layout.figures_dir
     assert sha256_file(layout.head_dir / "head.keras") == head_before and not layout.finetune_dir.exists()

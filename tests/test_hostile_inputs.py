@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import unicodedata
 import zipfile
 from pathlib import Path
@@ -402,3 +403,25 @@ def test_no_val_split_is_refused_at_split_with_the_reason(tmp_path):
     with pytest.raises(ParamsError, match=r"split: val must be above 0: train_head and finetune pick their best "
                                           r"epoch on the val split"):
         load_params(tmp_path / "absent.yaml", {"split": {"train": 0.8, "val": 0.0, "test": 0.2}})
+
+
+# --------------------------------------------------------------------------- what a killed run leaves
+
+
+@pytest.mark.parametrize("stage", ["audit", "evaluate", "export"])
+def test_stage_removes_the_stale_temps_a_killed_run_left(tmp_path, stage):
+    import importlib
+
+    layout = Layout(tmp_path / "project")
+    stale = []
+    for output in layout.outputs(stage):
+        temp = output.with_name(f".{output.name}.tmp-0123456789abcdef{output.suffix or '.tmp'}")
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_text("cut short")
+        stale.append(temp)
+    an_hour_ago = time.time() - 3700
+    for temp in stale:
+        os.utime(temp, (an_hour_ago, an_hour_ago))
+    with pytest.raises(FileNotFoundError):  # nothing to read in this bare project: the stage stops after cleaning
+        importlib.import_module(f"tasks.{stage}").run(load_params(tmp_path / "absent.yaml"), layout)
+    assert [temp for temp in stale if temp.exists()] == []

@@ -44,11 +44,6 @@ def load_model(path: Path, stage: str) -> keras.Model:
     return keras.models.load_model(path, safe_mode=True, compile=False)
 
 
-def live_dir(layout: Layout, stage: str) -> Path:
-    """Where dvclive logs a stage's per-epoch metrics (declared as metrics/plots in dvc.yaml)."""
-    return layout.root / "live" / stage
-
-
 class StageInfo(BaseModel):
     """The fields of a stage's info.json that later stages rely on, typed; the rest is kept as written
     (a record for people: timings, versions, params) and reachable as extra attributes."""

@@ -133,7 +133,7 @@ def _url_candidates(
 
 
 def _extract(archive: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Path:
-    root = extract_root(layout)
+    root = layout.extract_dir
     folder = safe_extract(archive, root / sha256_file(archive)[:16], params.max_archive_bytes,
                           params.max_archive_members)
     inner = preset.get("inner_archive")
@@ -141,7 +141,3 @@ def _extract(archive: Path, preset: dict[str, Any], params: DownloadParams, layo
         folder = safe_extract(folder / inner, root / f"{sha256_file(folder / inner)[:16]}",
                               params.max_archive_bytes, params.max_archive_members)
     return folder
-
-
-def extract_root(layout: Layout) -> Path:
-    return layout.root / "data" / "cache" / "extract"
