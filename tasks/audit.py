@@ -21,7 +21,7 @@ from headstart.audit import (
     suspect_table,
 )
 from headstart.data.artifacts import load_split, load_split_paths, read_features_info
-from headstart.data.manifest import read_split_manifest
+from headstart.data.manifest import SPLITS, read_split_manifest
 from headstart.files import atomic_path, atomic_write_json, remove_stale_temps
 from headstart.layout import Layout
 from headstart.params import Params
@@ -48,7 +48,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     info = read_features_info(layout)
     manifest = read_split_manifest(layout.split_manifest)
     splits = {name: _rows(layout, name, info.classes, info.feature_dim,
-                          set(manifest.loc[manifest["split"] == name, "path"])) for name in ("train", "val", "test")}
+                          set(manifest.loc[manifest["split"] == name, "path"])) for name in SPLITS}
     train = splits["train"]
 
     started = time.perf_counter()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from headstart.data.images import ImageError, inspect_image
+from headstart.data.manifest import RAW_COLUMNS
 from headstart.data.sources.candidates import Candidate, DownloadError, one_class
 from headstart.data.sources.presets import effective_settings
 from headstart.data.sources.resolve import resolve_candidates
@@ -29,7 +30,6 @@ from headstart.params import Params
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "source_split", "origin")
 QUARANTINE_COLUMNS = ("origin", "label", "reason")
 
 
@@ -138,7 +138,7 @@ def _write_raw(items: list[Accepted], layout: Layout, sample: dict[str, Any]) ->
                 "label": candidate.label, "sha256": item.sha256, "width": item.width, "height": item.height,
                 "mode": item.mode, "source_split": candidate.source_split, "origin": candidate.origin,
             })
-        _write_csv(staging / layout.raw_manifest.name, MANIFEST_COLUMNS, rows)
+        _write_csv(staging / layout.raw_manifest.name, RAW_COLUMNS, rows)
         atomic_write_json(staging / layout.raw_sample.name, sample)
     return rows
 
