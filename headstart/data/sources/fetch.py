@@ -16,18 +16,12 @@ from urllib3.util import Retry
 from headstart.data.sources.candidates import DownloadError, TransientDownloadError
 from headstart.files import atomic_write_text, sha256_bytes, sha256_file
 from headstart.progress import download_progress
+from headstart.web import URL_SCHEMES, disallowed_scheme
 
 log = logging.getLogger(__name__)
 
-URL_SCHEMES = ("http", "https")
 _CUT_SHORT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
               urllib3.exceptions.HTTPError)
-
-
-def disallowed_scheme(url: str) -> str | None:
-    """The URL's scheme unless it is http(s): `file://` and others would reach what a URL source should not."""
-    scheme = urlparse(url).scheme.lower()
-    return None if scheme in URL_SCHEMES else scheme
 
 
 def url_cache_path(downloads_dir: Path, url: str) -> Path:

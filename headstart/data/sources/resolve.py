@@ -16,10 +16,7 @@ from headstart.data.sources.presets import load_presets
 from headstart.files import sha256_file
 from headstart.layout import Layout
 from headstart.params import DownloadParams
-
-
-def _is_url(source: str) -> bool:
-    return "://" in source
+from headstart.web import is_url
 
 
 @dataclass
@@ -55,7 +52,7 @@ def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | 
             folder = _idx_folder(source, preset, params, layout)
             return Resolved(*idx_candidates(folder, preset.get("classes"), per_class, params.sample_seed))
         return _url_candidates(preset["url"], preset.get("sha256"), preset, params, layout)
-    if _is_url(source):
+    if is_url(source):
         return _url_candidates(source, params.sha256, {}, params, layout)
     path = Path(source).expanduser()
     if not path.exists():
