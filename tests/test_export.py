@@ -25,6 +25,8 @@ from headstart.serving import load_predictor
 from tasks import export
 from tests.model_fixture import trained_params
 
+pytestmark = pytest.mark.slow  # trains and exports a model
+
 
 def _classes(layout: Layout) -> list[str]:
     return json.loads((layout.finetune_dir / "info.json").read_text())["classes"]

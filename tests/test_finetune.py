@@ -24,6 +24,8 @@ from tasks.finetune import FinetuneError
 from tests.conftest import REPO_ROOT
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
 
+pytestmark = pytest.mark.slow  # fine-tunes a backbone
+
 EVERY_AUGMENTATION = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}  # flip is on by default
 # the recipe of the old Keras guides: top block only, BatchNorm frozen, SGD at a low constant rate
 CLASSIC = {"top_blocks": 1, "batch_norm": "frozen", "optimizer": "sgd", "learning_rate": 1e-4, "schedule": "constant",

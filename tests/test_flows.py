@@ -35,6 +35,8 @@ from headstart.layout import Layout
 from headstart.params import STAGES, ParamsError, load_params
 from tests.conftest import REPO_ROOT, write_class_folders
 
+pytestmark = pytest.mark.slow  # starts a Prefect server and runs stages
+
 FAST = {"download.min_images_per_class": 5}
 NO_FILE = "/nonexistent/params.yaml"
 """The flow's defaults (headstart/params.py) keep these tests independent of edits to params.yaml."""

@@ -105,6 +105,7 @@ def download_checkpoint(spec: BackboneSpec, weights_dir: Path) -> Path:
     """`imagenet` for a torch-sourced backbone: fetch the same checkpoint from its official address."""
     assert spec.packaged is not None and spec.packaged.url is not None
     name = spec.packaged.url.rsplit("/", 1)[-1]
+    Path(weights_dir).mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp/.keras when it is absent
     return Path(
         keras.utils.get_file(
             name, spec.packaged.url, file_hash=spec.packaged.sha256, cache_dir=str(Path(weights_dir).resolve()), cache_subdir="downloads"
