@@ -1,4 +1,4 @@
-"""The whole pipeline on real images for each dataset shape users bring (issue 10's test matrix).
+"""The whole pipeline on real images for each dataset shape users bring: one run per shape in the matrix below.
 
 Each shape is a small folder tree of real Fashion-MNIST images, written in the shape's file format,
 that goes through download, split, features, train_head, finetune, evaluate and export at 32 px

@@ -359,7 +359,7 @@ def test_sampling_is_seeded_and_per_class(tmp_path, small_dataset):
     assert a["sha256"].tolist() == b["sha256"].tolist()
 
 
-# --------------------------------------------------------------------------- dataset shapes (issue 10)
+# ------------------------------------------------------ dataset shapes: pre-split, one class, empty, reserved names
 
 
 def test_presplit_tree_keeps_its_split_not_read_as_classes(tmp_path, small_dataset):

@@ -1,4 +1,4 @@
-"""Data as users have it (issue 13): pre-split folders, label files, and demo settings kept to the demo.
+"""Data as users have it: pre-split folders, label files, and demo settings kept to the demo.
 
 Every test reads real Fashion-MNIST images through the real download and split stages.
 """
