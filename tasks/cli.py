@@ -10,7 +10,9 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# printed by TensorFlow's C++ on import whatever TF_CPP_MIN_LOG_LEVEL says (they come before absl's logging
+# is initialised); they read as trouble and say nothing a user acts on
+TF_IMPORT_BANNERS = ("All log messages before absl::InitializeLog() is called are written to STDERR",
+                     "oneDNN custom operations are on")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ stderr captured, passing on every line except TF_IMPORT_BANNERS."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not any(b in line for b in TF_IMPORT_BANNERS)))
+
+
 def _run_stage(stage: str, args: argparse.Namespace) -> None:
     # only the default may be absent (all defaults): a named file that is missing is a typo, not a request
     if args.params is not None and not Path(args.params).is_file():
@@ -102,6 +128,8 @@ def _run_stage(stage: str, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose and args.command not in ("backbones",):
+        import_tensorflow_quietly()
     try:
         if args.command in STAGES + TOOLS:
             _run_stage(args.command, args)

@@ -425,3 +425,15 @@ def test_stage_removes_the_stale_temps_a_killed_run_left(tmp_path, stage):
     with pytest.raises(FileNotFoundError):  # nothing to read in this bare project: the stage stops after cleaning
         importlib.import_module(f"tasks.{stage}").run(load_params(tmp_path / "absent.yaml"), layout)
     assert [temp for temp in stale if temp.exists()] == []
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def test_a_stage_prints_no_tensorflow_import_banners(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "train_head", "--root", str(tmp_path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 2
+    assert "absl::InitializeLog" not in done.stderr and "oneDNN" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("headstart train_head: error: ")
