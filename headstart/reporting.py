@@ -7,20 +7,37 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from headstart.data.images import load_rgb
 from headstart.files import atomic_path
 from headstart.layout import Layout
 
+_NO_GLYPH = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # control characters but the line break titles use
+
+
+def _drawable(text: str) -> str:
+    return _NO_GLYPH.sub(" ", text)
+
 
 def save_figure(figure: Figure, target: Path) -> None:
+    """Write a PNG atomically; class names' tabs and other control characters are drawn as spaces (no font
+    has a glyph for them, and matplotlib would warn once per character)."""
+    for axes in figure.axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            labels = [label.get_text() for label in axis.get_ticklabels()]
+            if any(_NO_GLYPH.search(label) for label in labels):  # redrawn from its formatter: set them anew
+                axis.set_ticks(axis.get_ticklocs(), labels=[_drawable(label) for label in labels])
+    for text in figure.findobj(Text):
+        text.set_text(_drawable(text.get_text()))
     with atomic_path(target, suffix=".png") as tmp:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 

@@ -437,3 +437,14 @@ def test_a_stage_prints_no_tensorflow_import_banners(tmp_path):
     assert done.returncode == 2
     assert "absl::InitializeLog" not in done.stderr and "oneDNN" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("headstart train_head: error: ")
+
+
+def test_class_names_with_tabs_draw_without_glyph_warnings(tmp_path):
+    import warnings
+
+    from headstart.reporting import plot_confusion
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib: "Glyph 9 (\t) missing from font(s) DejaVu Sans."
+        plot_confusion(np.array([[3, 1], [0, 4]]), ["tab\tseparated", "plain"], tmp_path / "confusion.png")
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
