@@ -39,7 +39,7 @@ from headstart.model import build_head
 from headstart.optimizers import head_optimizer
 from headstart.params import TrainHeadParams
 from headstart.reporting import image_grid, save_figure
-from headstart.runtime import seed_everything
+from headstart.runtime import fresh_models_expected, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,13 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, classes:
         log.warning("audit: the smallest class has %d train images: %d folds instead of audit.folds=%d",
                     used, used, folds)
     splitter = StratifiedKFold(n_splits=used, shuffle=True, random_state=seed)
-    for fold, (fit, out) in enumerate(splitter.split(features[scored], labels[scored]), start=1):
-        fit, out = scored[fit], scored[out]
-        seed_everything(seed + fold)
-        weights = class_weights(p.class_weight, labels[fit], classes)
-        probs[out] = _fit_predict(features[fit], labels[fit], features[out], len(classes), p, epochs, weights)
-        log.info("audit: fold %d/%d: %d images scored", fold, used, len(out))
+    with fresh_models_expected():  # a new head per fold
+        for fold, (fit, out) in enumerate(splitter.split(features[scored], labels[scored]), start=1):
+            fit, out = scored[fit], scored[out]
+            seed_everything(seed + fold)
+            weights = class_weights(p.class_weight, labels[fit], classes)
+            probs[out] = _fit_predict(features[fit], labels[fit], features[out], len(classes), p, epochs, weights)
+            log.info("audit: fold %d/%d: %d images scored", fold, used, len(out))
     return probs, used
 
 

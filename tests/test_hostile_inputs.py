@@ -448,3 +448,18 @@ def test_class_names_with_tabs_draw_without_glyph_warnings(tmp_path):
         warnings.simplefilter("error")  # matplotlib: "Glyph 9 (\t) missing from font(s) DejaVu Sans."
         plot_confusion(np.array([[3, 1], [0, 4]]), ["tab\tseparated", "plain"], tmp_path / "confusion.png")
     assert (tmp_path / "confusion.png").stat().st_size > 1000
+
+
+def test_out_of_fold_heads_do_not_warn_of_tf_function_retracing(fashion_arrays, caplog):
+    from headstart.audit import out_of_fold_probabilities
+    from headstart.params import TrainHeadParams
+
+    images, labels = fashion_arrays
+    keep = np.flatnonzero(labels < 3)[:150]
+    features = images[keep].reshape(len(keep), -1).astype(np.float32) / 255.0  # real pixels as features
+    with caplog.at_level(logging.WARNING):
+        probs, folds = out_of_fold_probabilities(features, labels[keep].astype(np.int64), ["a", "b", "c"],
+                                                 TrainHeadParams(), folds=6, epochs=1, seed=0)
+    assert folds == 6 and not np.isnan(probs).any()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert "retracing" not in caplog.text
