@@ -11,13 +11,7 @@ backbone pass, and do not depend on fine-tuning.
   model that memorised a wrong label drives towards zero; out-of-fold probabilities are the honest
   version (the confident-learning idea of Northcutt et al.).
 
-Measured on the default run (Fashion-MNIST, 1,000 per class, MobileNetV2 at 96 px; 7,000 train, 1,500 val,
-1,500 test): copies of 200 test images score 0.983 (JPEG q90), 0.974 (2x upscale) median cosine with their
-originals, 85% and 79% of them >= 0.96; JPEG q75 or downscaled copies of 28-px images drift further (23%,
-5%). The nearest train neighbour of a test image: median 0.877, 99th percentile 0.963, so 0.96 flags ~1.5%
-of val/test (look-alike products, mostly trousers and plain tops). 20 labels flipped at random ranked
-1-56 and 140 of 7,000 by out-of-fold probability at 10 epochs per fold; 5 or 40 epochs found as many in the
-top 100 (18, 19; Spearman 0.94 between the rankings), so 10 (train_head's early stop) is the default.
+The default threshold and epochs per fold were chosen by measurement: docs/benchmarks.md, "Audit settings".
 """
 
 from __future__ import annotations
