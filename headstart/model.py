@@ -8,7 +8,7 @@ assembled model). Every layer is a built-in Keras layer, so saved `.keras` files
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -16,6 +16,9 @@ import tensorflow as tf
 from keras import layers
 
 from headstart.params import AugmentationParams, FeaturesParams, TrainHeadParams
+
+if TYPE_CHECKING:  # for the annotation only: no runtime (nor dvc.yaml) dependency on the backbones
+    from headstart.backbones.registry import Backbone
 
 
 class RandomWeightsError(ValueError):
@@ -55,7 +58,7 @@ def build_head(feature_dim: int, num_classes: int, params: TrainHeadParams) -> k
     return keras.Model(inputs, outputs, name="head")
 
 
-def build_classifier(backbone: Any, head: keras.Model) -> keras.Model:
+def build_classifier(backbone: Backbone, head: keras.Model) -> keras.Model:
     """Image (S, S, 3) float RGB 0..255 -> preprocessing -> backbone -> pooling -> head.
 
     `training=False` on the base does not keep its BatchNorm in inference mode during `fit`: Keras 3

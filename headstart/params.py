@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 STAGES = ("download", "split", "features", "train_head", "audit", "finetune", "evaluate", "export")
 TOOLS = ("lr_find",)  # run like a stage (same params and layout), outside the pipeline
@@ -263,7 +264,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
 
 
-def _describe(error: dict[str, Any], origin: str) -> str:
+def _describe(error: ErrorDetails, origin: str) -> str:
     # pydantic names the member of a union that failed (e.g. `constrained-int`, `literal['all']`): not a key
     parts = [str(part) for part in error["loc"] if not re.search(r"[-\[]", str(part))]
     key = ".".join(parts) or "(top level)"

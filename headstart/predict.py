@@ -58,7 +58,10 @@ def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float,
     decode = partial(load_rgb, target_size=image_size)
     for text in inputs:
         if is_url(text):
-            yield Source(text, lambda url=text: decode(fetch_bytes(url, max_bytes, timeout_s)))
+            def load_url(url: str = text) -> np.ndarray:
+                return decode(fetch_bytes(url, max_bytes, timeout_s))
+
+            yield Source(text, load_url)
             continue
         path = Path(text)
         if path.is_dir():

@@ -144,7 +144,7 @@ def _keras_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return keras_runner(model)
 
 
-def keras_runner(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+def keras_runner(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
     """One traced function for every image size (no retracing per shape)."""
     call = tf.function(lambda x: model(x, training=False),
                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])

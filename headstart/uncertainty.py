@@ -113,8 +113,9 @@ def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, num_classes: 
                         seed: int) -> Intervals:
     """Percentile intervals of accuracy, macro-F1 and each class's recall over `resamples` bootstrap draws."""
     found = _bootstrap(labels, [predicted], num_classes, resamples, seed)[0]
-    accuracy, macro_f1 = (tuple(float(v) for v in percentile_interval(found[key])) for key in ("accuracy", "macro_f1"))
-    return Intervals(accuracy=accuracy, macro_f1=macro_f1, recall=percentile_interval(found["recall"]).T)
+    (acc_low, acc_high), (f1_low, f1_high) = (percentile_interval(found[key]) for key in ("accuracy", "macro_f1"))
+    return Intervals(accuracy=(float(acc_low), float(acc_high)), macro_f1=(float(f1_low), float(f1_high)),
+                     recall=percentile_interval(found["recall"]).T)
 
 
 def format_interval(low: float, high: float) -> str:

@@ -46,7 +46,7 @@ def _validate(candidates: list[Candidate], max_pixels: int) -> tuple[list[Accept
     accepted, quarantined = [], []
     for candidate in candidates:
         try:
-            info = inspect_image(candidate.path if candidate.path else candidate.data, max_pixels)
+            info = inspect_image(candidate.data if candidate.data is not None else candidate.source_file, max_pixels)
         except ImageError as exc:
             quarantined.append({"origin": candidate.origin, "label": candidate.label, "reason": str(exc)})
             continue
@@ -132,7 +132,7 @@ def _write_raw(items: list[Accepted], layout: Layout, sample: dict[str, Any]) ->
             if candidate.data is not None:
                 dest.write_bytes(candidate.data)
             else:
-                shutil.copyfile(candidate.path, dest)
+                shutil.copyfile(candidate.source_file, dest)
             rows.append({
                 "path": (layout.raw_dir / candidate.label / name).relative_to(layout.root).as_posix(),
                 "label": candidate.label, "sha256": item.sha256, "width": item.width, "height": item.height,

@@ -34,8 +34,9 @@ def project_imports(module: Path, module_level_only: bool = False) -> set[Path]:
             continue
         seen.add(current)
         tree = ast.parse(current.read_text())
+        type_only = {id(inner) for node in ast.walk(tree) if _is_type_checking_block(node) for inner in ast.walk(node)}
         nodes = tree.body if module_level_only and current == module else ast.walk(tree)
-        for node in nodes:
+        for node in (n for n in nodes if id(n) not in type_only):
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
@@ -44,6 +45,11 @@ def project_imports(module: Path, module_level_only: bool = False) -> set[Path]:
                 if name.split(".")[0] in PACKAGES and candidate.exists():
                     pending.append(candidate)
     return seen
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` imports are read by type checkers only, never run."""
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
 def declared_deps(stage: str) -> set[Path]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -76,7 +76,10 @@ class ModelInfo(StageInfo):
     fine_tuned: bool = False
 
 
-def _read_info(path: Path, stage: str, model: type[StageInfo]) -> Any:
+Info = TypeVar("Info", bound=StageInfo)
+
+
+def _read_info(path: Path, stage: str, model: type[Info]) -> Info:
     try:
         return model.model_validate(read_json(path, stage))
     except (ValidationError, json.JSONDecodeError) as exc:
@@ -144,7 +147,7 @@ def class_weights(spec: str | dict[str, float], labels: np.ndarray, classes: lis
     """
     if spec == "none":
         return None
-    if spec == "balanced":
+    if isinstance(spec, str):  # "balanced": params allow no other text
         present = np.bincount(labels, minlength=len(classes))
         if (present == 0).any():
             empty = [c for c, n in zip(classes, present, strict=True) if n == 0]

@@ -54,7 +54,14 @@ class Candidate:
         self.label = unicodedata.normalize("NFC", self.label)
 
     def content_hash(self) -> str:
-        return sha256_bytes(self.data) if self.data is not None else sha256_file(self.path)
+        return sha256_bytes(self.data) if self.data is not None else sha256_file(self.source_file)
+
+    @property
+    def source_file(self) -> Path:
+        """The file a candidate without bytes of its own reads from."""
+        if self.path is None:
+            raise ValueError(f"{self.origin}: a candidate needs a path or bytes")
+        return self.path
 
 
 def one_class(label: str) -> str:

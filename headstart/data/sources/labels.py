@@ -99,7 +99,7 @@ def labelled_images(labels_file: Path, source: Path) -> LabelledImages:
         if target is not None:
             named.add(target)
             problem = _label_problem(values)
-        if problem:
+        if problem or target is None:
             quarantined.append(_quarantine(labels_file, line, values, problem))
         else:
             listed[target].append((line, values))
