@@ -149,15 +149,11 @@ def test_duplicate_key_in_params_yaml_is_refused_naming_both_lines(tmp_path):
 # --------------------------------------------------------------------------- entry points
 
 
-def test_flow_module_refuses_unknown_arguments_and_documents_its_own(capsys):
+def test_flow_module_refuses_unknown_arguments_and_documents_its_own():
     unknown = subprocess.run([sys.executable, "-m", "flows.pipeline", "--anything"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 2 and "unrecognized arguments: --anything" in unknown.stderr
-    from flows.pipeline import main
-
-    with pytest.raises(SystemExit) as exited:
-        main(["--help"])
-    assert exited.value.code == 0 and "--stages STAGE" in capsys.readouterr().out
+    assert "usage: python -m flows.pipeline" in unknown.stderr and "[--stages STAGE" in unknown.stderr
 
 
 # --------------------------------------------------------------------------- caches that heal
@@ -450,6 +446,7 @@ def test_class_names_with_tabs_draw_without_glyph_warnings(tmp_path):
     assert (tmp_path / "confusion.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # trains six heads
 def test_out_of_fold_heads_do_not_warn_of_tf_function_retracing(fashion_arrays, caplog):
     from headstart.audit import out_of_fold_probabilities
     from headstart.params import TrainHeadParams

@@ -27,7 +27,7 @@ def read_json(path: Path, stage: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
-        raise ArtifactError(f"{path}: damaged, not JSON ({exc}); rerun `headstart {stage}`") from None
+        raise ArtifactError(f"{path}: the file: {exc} (damaged, not JSON); rerun `headstart {stage}`") from None
 
 
 def require_keras_archive(path: Path, advice: str) -> None:
@@ -82,8 +82,8 @@ Info = TypeVar("Info", bound=StageInfo)
 def _read_info(path: Path, stage: str, model: type[Info]) -> Info:
     try:
         return model.model_validate(read_json(path, stage))
-    except (ValidationError, json.JSONDecodeError) as exc:
-        problem = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
+    except ValidationError as exc:
+        problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"]) or "the file"
         raise ArtifactError(f"{path}: {where}: {problem['msg']}; rerun `headstart {stage}`") from None
 
