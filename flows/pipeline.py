@@ -31,7 +31,7 @@ from headstart.data.sources.candidates import TransientDownloadError
 from headstart.layout import Layout
 from headstart.params import STAGES, Params, load_params
 from headstart.reporting import run_report
-from tasks.cli import parse_override
+from tasks.cli import import_tensorflow_quietly, parse_override
 
 RESULTS_ENV = "HEADSTART_RESULTS_DIR"
 ARTIFACT_KEY = "headstart-run-report"
@@ -70,6 +70,7 @@ def run_stage(stage: str, params: Params, root: str, key: str, shards: int = 1, 
     spec = read_stage_specs()[stage]
     logger.info("stage %s: running tasks.%s.run (content key %s)", stage, stage, key[-12:])
     started = time.perf_counter()
+    import_tensorflow_quietly()  # once per process: TF's import banners are noise in the run's log too
     if stage == "features" and shards > 1:
         summary = features_sharded.with_options(task_runner=dask_runner(workers))(params, root, shards)
     else:
