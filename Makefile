@@ -16,6 +16,7 @@ run: setup
 
 test: setup
 	ruff check .
+	mypy  # headstart/ and tasks/ ([tool.mypy] in pyproject.toml)
 	pytest
 
 bench: setup

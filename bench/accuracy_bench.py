@@ -58,14 +58,14 @@ def _scores(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
 
 
 def score_head(layout: Layout) -> dict[str, float]:
-    head = keras.saving.load_model(layout.head_dir / "head.keras", safe_mode=True)
+    head = keras.saving.load_model(layout.head_model, safe_mode=True)
     with np.load(layout.features_dir / "test.npz") as data:
         return _scores(data["labels"], head.predict(data["features"], batch_size=256, verbose=0).argmax(axis=1))
 
 
 def score_model(layout: Layout) -> dict[str, float]:
     info = json.loads((layout.finetune_dir / "info.json").read_text())
-    model = keras.saving.load_model(layout.finetune_dir / "model.keras", safe_mode=True)
+    model = keras.saving.load_model(layout.finetune_model, safe_mode=True)
     manifest = pd.read_csv(layout.split_manifest, dtype=str, keep_default_na=False)
     test = manifest[manifest["split"] == "test"]
     labels = test["label"].map({c: i for i, c in enumerate(info["classes"])}).to_numpy()

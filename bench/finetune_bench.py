@@ -155,7 +155,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     common = dict(map(parse_override, args.overrides))
     params, layout = load_params(REPO / "params.yaml", common), Layout(args.root)
-    if not (layout.head_dir / "head.keras").exists():
+    if not (layout.head_model).exists():
         run_stages(params, layout, ["download", "split", "features", "train_head"])
     head, peak = score_head(layout), matmul_peak_gflops()
     rows = []

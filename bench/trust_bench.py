@@ -87,7 +87,7 @@ def main() -> None:
     manifest = read_split_manifest(layout.split_manifest)
     manifest["y"] = manifest["label"].map(classes.index).astype(np.int32)
     frames = {s: manifest[manifest["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
-    plain = load_model(layout.finetune_dir / "model.keras", "finetune")
+    plain = load_model(layout.finetune_model, "finetune")
     rows: list[tuple[str, float]] = []
 
     seconds, probs = _timed(lambda: {s: predict_images(plain, layout, frames[s], info, params.features.batch_size)

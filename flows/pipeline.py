@@ -11,8 +11,10 @@ outputs in place, as `dvc repro` would.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,10 +30,11 @@ from pydantic import Field
 
 from flows.sharding import dask_runner, features_sharded
 from flows.stages import StageSpec, output_hashes, read_stage_specs, stage_key
-from headstart.data.sources.candidates import DownloadError
+from headstart.data.sources.candidates import TransientDownloadError
 from headstart.layout import Layout
 from headstart.params import SOURCE_STAGE, STAGES, Params, load_params
 from headstart.reporting import run_report
+from tasks.cli import import_tensorflow_quietly, parse_override
 
 RESULTS_ENV = "HEADSTART_RESULTS_DIR"
 ARTIFACT_KEY = "headstart-run-report"
@@ -46,11 +49,11 @@ def _key_from_parameters(_context: Any, parameters: dict[str, Any]) -> str:
 def is_transient(exc: BaseException) -> bool:
     """Network trouble is worth another try later; bad input (wrong path, bad archive, checksum) is not.
 
-    The download stage retries each transfer itself and then raises DownloadError("... download failed
-    after N attempts ..."), keeping the partial file so the next attempt resumes it.
+    The download stage retries each transfer itself and then raises TransientDownloadError, keeping the
+    partial file so the next attempt resumes it; any other DownloadError (a ValueError) is bad input.
     """
-    if isinstance(exc, DownloadError):
-        return "download failed after" in str(exc)
+    if isinstance(exc, TransientDownloadError):
+        return True
     return isinstance(exc, OSError) and not isinstance(exc, BAD_PATH_ERRORS)
 
 
@@ -70,6 +73,7 @@ def run_stage(stage: str, params: Params, root: str, key: str, shards: int = 1, 
     spec = read_stage_specs()[stage]
     logger.info("stage %s: running tasks.%s.run (content key %s)", stage, stage, key[-12:])
     started = time.perf_counter()
+    import_tensorflow_quietly()  # once per process: TF's import banners are noise in the run's log too
     if stage == "features" and shards > 1:
         summary = features_sharded.with_options(task_runner=dask_runner(workers))(params, root, shards)
     else:
@@ -185,3 +189,29 @@ def pipeline(
         key=ARTIFACT_KEY, markdown=run_report(layout, outcomes), description="Stages run or cached, metrics, figures"
     )
     return {o["stage"]: o["status"] for o in outcomes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.pipeline [--stages ...] [--set KEY=VALUE ...]`: the flow once, in this process."""
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
+                        metavar="KEY=VALUE", help="override one parameter, e.g. --set finetune.epochs=1")
+    parser.add_argument("--root", default=".", help="data root holding data/ and models/ (default: .)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, metavar="STAGE",
+                        help=f"run only these, in pipeline order ({', '.join(STAGES)}); default: all")
+    parser.add_argument("--result-storage", default=None, help="task result folder (default: see docs)")
+    parser.add_argument("--download-retries", type=int, default=3)
+    parser.add_argument("--feature-shards", type=int, default=1)
+    parser.add_argument("--dask-workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    statuses = pipeline(overrides=dict(args.overrides), root=args.root, params_file=args.params,
+                        stages=args.stages, result_storage=args.result_storage,
+                        download_retries=args.download_retries, feature_shards=args.feature_shards,
+                        dask_workers=args.dask_workers)
+    print(" ".join(f"{stage}: {status}" for stage, status in statuses.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,13 +11,7 @@ backbone pass, and do not depend on fine-tuning.
   model that memorised a wrong label drives towards zero; out-of-fold probabilities are the honest
   version (the confident-learning idea of Northcutt et al.).
 
-Measured on the default run (Fashion-MNIST, 1,000 per class, MobileNetV2 at 96 px; 7,000 train, 1,500 val,
-1,500 test): copies of 200 test images score 0.983 (JPEG q90), 0.974 (2x upscale) median cosine with their
-originals, 85% and 79% of them >= 0.96; JPEG q75 or downscaled copies of 28-px images drift further (23%,
-5%). The nearest train neighbour of a test image: median 0.877, 99th percentile 0.963, so 0.96 flags ~1.5%
-of val/test (look-alike products, mostly trousers and plain tops). 20 labels flipped at random ranked
-1-56 and 140 of 7,000 by out-of-fold probability at 10 epochs per fold; 5 or 40 epochs found as many in the
-top 100 (18, 19; Spearman 0.94 between the rankings), so 10 (train_head's early stop) is the default.
+The default threshold and epochs per fold were chosen by measurement: docs/benchmarks.md, "Audit settings".
 """
 
 from __future__ import annotations
@@ -39,7 +33,7 @@ from headstart.model import build_head
 from headstart.optimizers import head_optimizer
 from headstart.params import TrainHeadParams
 from headstart.reporting import image_grid, save_figure
-from headstart.runtime import seed_everything
+from headstart.runtime import fresh_models_expected, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +133,13 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, classes:
         log.warning("audit: the smallest class has %d train images: %d folds instead of audit.folds=%d",
                     used, used, folds)
     splitter = StratifiedKFold(n_splits=used, shuffle=True, random_state=seed)
-    for fold, (fit, out) in enumerate(splitter.split(features[scored], labels[scored]), start=1):
-        fit, out = scored[fit], scored[out]
-        seed_everything(seed + fold)
-        weights = class_weights(p.class_weight, labels[fit], classes)
-        probs[out] = _fit_predict(features[fit], labels[fit], features[out], len(classes), p, epochs, weights)
-        log.info("audit: fold %d/%d: %d images scored", fold, used, len(out))
+    with fresh_models_expected():  # a new head per fold
+        for fold, (fit, out) in enumerate(splitter.split(features[scored], labels[scored]), start=1):
+            fit, out = scored[fit], scored[out]
+            seed_everything(seed + fold)
+            weights = class_weights(p.class_weight, labels[fit], classes)
+            probs[out] = _fit_predict(features[fit], labels[fit], features[out], len(classes), p, epochs, weights)
+            log.info("audit: fold %d/%d: %d images scored", fold, used, len(out))
     return probs, used
 
 

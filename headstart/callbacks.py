@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import h5py
 import keras
 
 from headstart.files import atomic_path, atomic_write_json
@@ -37,8 +38,20 @@ class EpochCheckpoints(keras.callbacks.Callback):
 
     @staticmethod
     def load(folder: Path) -> dict[str, Any] | None:
+        """The saved state, or None when there is none or it is damaged (the run then starts from the head)."""
         path = folder / "state.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+            for name in {state["last"], state["best"]}:
+                with h5py.File(folder / name, "r"):  # a file cut short does not open
+                    pass
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("finetune: checkpoint %s is damaged (%s: %s); starting again from the head-only model",
+                        folder, type(exc).__name__, exc)
+            return None
+        return state
 
     def save(self, improved: bool) -> None:
         epoch = self.state["epochs_done"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import keras
 import numpy as np
@@ -67,15 +68,18 @@ class GradCam:
         pooling = next((i for i, step in enumerate(steps) if not isinstance(step, str) and i > 0
                         and len(step.input.shape) == 4 and len(step.output.shape) == 2), None)
         backbone = steps[pooling - 1] if pooling else None
-        if not isinstance(backbone, keras.Model) or not any(isinstance(x, layers.Conv2D) for x in all_layers(backbone)):
+        if not pooling or not isinstance(backbone, keras.Model) or not any(isinstance(x, layers.Conv2D) for x in all_layers(backbone)):
             raise ExplainError(
                 f"{where}model {model.name!r} has no convolutional backbone whose feature map it pools, so Grad-CAM "
                 "has no conv layer to explain: pass a model written by `headstart export` (models/export/model.keras)"
             )
-        self._before, self._backbone, self._after = steps[: pooling - 1], backbone, steps[pooling:-1]
+        # flip TTA's MIRROR wraps the whole classifier, so it can only come before the backbone
+        self._before, self._backbone = steps[: pooling - 1], backbone
+        self._after = cast(list[keras.Layer], steps[pooling:-1])
         head = steps[-1]
         output = head.layers[-1] if isinstance(head, keras.Model) else None
-        if not isinstance(output, layers.Dense) or output.get_config()["activation"] != "softmax":
+        if not isinstance(head, keras.Model) or not isinstance(output, layers.Dense) or \
+                output.get_config()["activation"] != "softmax":
             raise ExplainError(f"{where}model {model.name!r} does not end in a softmax Dense layer, so its class "
                                "logits cannot be read: pass a model written by `headstart export`")
         self._hidden = keras.Model(head.inputs[0], output.input, name="head_before_softmax")
@@ -117,7 +121,7 @@ class GradCam:
         count = len(images)
         x = tf.convert_to_tensor(images)
         for step in self._before:
-            x = tf.concat([x, tf.reverse(x, axis=[2])], axis=0) if step == MIRROR else step(x, training=False)
+            x = tf.concat([x, tf.reverse(x, axis=[2])], axis=0) if isinstance(step, str) else step(x, training=False)
         views = int(x.shape[0]) // count
         with tf.GradientTape() as tape:
             features, pooled = self._feature_model(x, training=False)

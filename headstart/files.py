@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 3600  # a temp file this old was left by a killed run, not by a live concurrent one
@@ -111,6 +113,22 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold `lock_path` for the block; a second run waits for the first, and says so."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("%s: another run in this project holds %s; waiting for it to finish", what, lock_path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def remove_stale_temps(*outputs: Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:

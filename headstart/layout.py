@@ -48,6 +48,16 @@ class Layout:
         """Persistent download cache (outside DVC outs so a resumed transfer survives a rerun)."""
         return self.root / "data" / "cache" / "downloads"
 
+    @property
+    def extract_dir(self) -> Path:
+        """Extracted archives, one folder per archive content hash (not a DVC out)."""
+        return self.root / "data" / "cache" / "extract"
+
+    @property
+    def download_lock(self) -> Path:
+        """Held over a whole download (transfer, extraction, the swap of data/raw): one at a time per project."""
+        return self.root / "data" / "cache" / "download.lock"
+
     # split
     @property
     def split_dir(self) -> Path:
@@ -81,6 +91,18 @@ class Layout:
     def head_dir(self) -> Path:
         return self.root / "models" / "head"
 
+    @property
+    def head_model(self) -> Path:
+        return self.head_dir / "head.keras"
+
+    @property
+    def head_history(self) -> Path:
+        return self.head_dir / "history.csv"
+
+    def live_dir(self, stage: str) -> Path:
+        """Where dvclive logs a training stage's per-epoch metrics (declared as metrics/plots in dvc.yaml)."""
+        return self.root / "live" / stage
+
     # audit
     @property
     def audit_metrics(self) -> Path:
@@ -105,6 +127,14 @@ class Layout:
         return self.root / "models" / "finetune"
 
     @property
+    def finetune_model(self) -> Path:
+        return self.finetune_dir / "model.keras"
+
+    @property
+    def finetune_history(self) -> Path:
+        return self.finetune_dir / "history.csv"
+
+    @property
     def checkpoint_dir(self) -> Path:
         """Per-epoch fine-tuning checkpoints, kept across interrupted runs (not a DVC out)."""
         return self.root / "data" / "cache" / "finetune_checkpoints"
@@ -121,7 +151,7 @@ class Layout:
 
     @property
     def figures_dir(self) -> Path:
-        """Evaluate's figures (a DVC out that DVC empties before evaluate runs); lr_find draws here too."""
+        """Evaluate's figures (a DVC out that DVC empties before evaluate runs)."""
         return self.reports_dir / "figures"
 
     @property
@@ -129,14 +159,67 @@ class Layout:
         return self.root / "metrics.json"
 
     @property
+    def evaluation_report(self) -> Path:
+        return self.reports_dir / "evaluation.md"
+
+    @property
+    def classification_report(self) -> Path:
+        """Per-class precision, recall (with its interval) and F1 on the test split (a DVC plot)."""
+        return self.reports_dir / "classification_report.csv"
+
+    @property
+    def confusion_csv(self) -> Path:
+        return self.reports_dir / "confusion.csv"
+
+    @property
+    def calibration_csv(self) -> Path:
+        return self.reports_dir / "calibration.csv"
+
+    @property
     def predictions_file(self) -> Path:
         """Per-image test predictions (in git, for the PR report's paired comparison)."""
         return self.reports_dir / "predictions.csv"
+
+    # lr_find (a tool outside the pipeline: nothing here is a DVC out)
+    @property
+    def lr_find_curve(self) -> Path:
+        return self.reports_dir / "lr_find.csv"
+
+    @property
+    def lr_find_result(self) -> Path:
+        return self.reports_dir / "lr_find.json"
+
+    @property
+    def lr_find_plot(self) -> Path:
+        """Beside its CSV, not in reports/figures: DVC empties that folder before evaluate runs."""
+        return self.reports_dir / "lr_find.png"
 
     # export
     @property
     def export_dir(self) -> Path:
         return self.root / "models" / "export"
+
+    @property
+    def export_parity(self) -> Path:
+        return self.reports_dir / "export_parity.json"
+
+    def outputs(self, stage: str) -> tuple[Path, ...]:
+        """What `stage` writes: its outs, metrics and plots in dvc.yaml (tests/test_dvc_deps.py checks both agree)."""
+        live = (self.live_dir(stage) / "metrics.json", self.live_dir(stage) / "plots" / "metrics")
+        return {
+            "fingerprint": (self.source_fingerprint,),
+            "download": (self.raw_dir, self.quarantine),
+            "split": (self.split_manifest, self.split_summary),
+            "features": (self.backbone_dir, self.features_dir),
+            "train_head": (self.head_dir, *live),
+            "audit": (self.leakage_csv, self.suspect_labels_csv, self.audit_figures_dir, self.audit_metrics),
+            "finetune": (self.finetune_dir, *live),
+            "evaluate": (self.evaluation_report, self.figures_dir, self.predictions_file, self.metrics_file,
+                         self.confusion_csv, self.classification_report, self.calibration_csv),
+            "export": (self.export_dir, self.export_parity),
+            "promote": (self.registry_dir, self.champion_dir, self.data_diff_json, self.data_diff_md,
+                        self.promotion_json, self.promotion_md),
+        }[stage]
 
     # promote
     @property

@@ -8,7 +8,7 @@ assembled model). Every layer is a built-in Keras layer, so saved `.keras` files
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -16,6 +16,9 @@ import tensorflow as tf
 from keras import layers
 
 from headstart.params import AugmentationParams, FeaturesParams, TrainHeadParams
+
+if TYPE_CHECKING:  # for the annotation only: no runtime (nor dvc.yaml) dependency on the backbones
+    from headstart.backbones.registry import Backbone
 
 
 class RandomWeightsError(ValueError):
@@ -55,11 +58,15 @@ def build_head(feature_dim: int, num_classes: int, params: TrainHeadParams) -> k
     return keras.Model(inputs, outputs, name="head")
 
 
-def build_classifier(backbone: Any, head: keras.Model) -> keras.Model:
-    """Image (S, S, 3) float RGB 0..255 -> preprocessing -> frozen-mode backbone -> pooling -> head.
+def build_classifier(backbone: Backbone, head: keras.Model) -> keras.Model:
+    """Image (S, S, 3) float RGB 0..255 -> preprocessing -> backbone -> pooling -> head.
 
-    The base runs with `training=False`, so its BatchNorm layers stay in inference mode even when
-    unfrozen for fine-tuning. The head is the trained model itself, so its weights are shared.
+    `training=False` on the base does not keep its BatchNorm in inference mode during `fit`: Keras 3
+    replays a nested functional model with the outer call's `training`, so trainable BatchNorm layers
+    follow the new images (`finetune.batch_norm: train`, the default recipe; tests/test_finetune.py
+    checks the moving mean moves). `batch_norm: frozen` makes them non-trainable, which in Keras 3 runs
+    them in inference mode (headstart.training.configure_trainable). The head is the trained model
+    itself, so its weights are shared.
     """
     size = backbone.image_size
     feature_dim = head.input_shape[-1]

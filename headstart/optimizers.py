@@ -62,12 +62,12 @@ class _ScaledUpdates:
         self._decay_rate = weight_decay_rate
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> Any:
-        scale = self.variable_scales.get(self._var_key(variable))
+        scale = self.variable_scales.get(self._var_key(variable))  # type: ignore[attr-defined]  # a Keras mixin
         if scale is not None:
             learning_rate = learning_rate * keras.ops.cast(scale, learning_rate.dtype)
         if self._decay_rate and len(variable.shape) > 1:
             variable.assign_sub(variable * keras.ops.cast(self._decay_rate * learning_rate, variable.dtype))
-        return super().update_step(gradient, variable, learning_rate)
+        return super().update_step(gradient, variable, learning_rate)  # type: ignore[misc]
 
 
 class ScaledAdam(_ScaledUpdates, keras.optimizers.Adam):

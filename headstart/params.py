@@ -8,11 +8,13 @@ everywhere, with a message that names the key, the value and what is allowed.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 SOURCE_STAGE = "fingerprint"
 """dvc.yaml's first stage: the source's fingerprint, a dep of download. It is not one of STAGES, whose results
@@ -55,10 +57,21 @@ class DownloadParams(_Section):
     timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(4, ge=0, le=20)
 
+    @model_validator(mode="after")
+    def _sample_holds_the_minimum(self) -> DownloadParams:
+        cap = self.max_images_per_class
+        if isinstance(cap, int) and cap < self.min_images_per_class:
+            raise ValueError(
+                f"max_images_per_class={cap} samples fewer images per class than min_images_per_class="
+                f"{self.min_images_per_class} requires, so every class would be too small: raise the first or "
+                "lower the second"
+            )
+        return self
+
 
 class SplitParams(_Section):
     train: float = Field(0.7, gt=0, lt=1)
-    val: float = Field(0.15, ge=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1, description="Above 0: train_head, finetune and calibration need a val split.")
     test: float = Field(0.15, ge=0, lt=1)
     salt: str = Field("headstart-v1", min_length=1, description="Changing it reshuffles every split.")
     respect_existing_split: Literal[True, False, "auto"] = Field(
@@ -71,6 +84,11 @@ class SplitParams(_Section):
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitParams:
+        if self.val == 0:
+            raise ValueError(
+                "val must be above 0: train_head and finetune pick their best epoch on the val split, and "
+                "evaluate fits the calibration temperature on it (e.g. val: 0.15)"
+            )
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1.0, got {total:g}")
@@ -279,7 +297,7 @@ class Params(_Section):
     promote: PromoteParams = PromoteParams()
 
 
-def _describe(error: dict[str, Any], origin: str) -> str:
+def _describe(error: ErrorDetails, origin: str) -> str:
     # pydantic names the member of a union that failed (e.g. `constrained-int`, `literal['all']`): not a key
     parts = [str(part) for part in error["loc"] if not re.search(r"[-\[]", str(part))]
     key = ".".join(parts) or "(top level)"
@@ -321,13 +339,31 @@ def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in seen:
+                raise ParamsError(
+                    f"{key_node.start_mark.name}: key {key!r} is given twice, on lines {seen[key]} and {line}; "
+                    "only one would be used: merge the two into one."
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read `params.yaml` (missing file: all defaults) and apply overrides (nested or dotted keys)."""
     path = Path(path)
     raw: dict[str, Any] = {}
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            with open(path) as handle:
+                raw = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ParamsError(f"{path}: not valid YAML ({exc}). Fix the file or restore it from git.") from None
         if not isinstance(raw, dict):

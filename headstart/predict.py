@@ -8,32 +8,24 @@ URLs and runs the model through the loaders of `headstart.serving`, the export c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlsplit
 
 import numpy as np
-import requests
 
 from headstart.data.images import ImageError, is_candidate_image, load_rgb
-from headstart.data.sources.fetch import disallowed_scheme
 from headstart.layout import Layout
 from headstart.registry import resolve_model
 from headstart.serving import MODEL_CARD, Predictor, load_predictor
+from headstart.web import FetchError, fetch_bytes, is_url
 
 CHUNK = 32
-
-
-class FetchError(ValueError):
-    """A URL that could not be downloaded within the limits; the message says why."""
 
 
 class InputError(ValueError):
@@ -49,85 +41,6 @@ class Source:
 
     name: str
     load: Callable[[], np.ndarray]
-
-
-class _Transfer:
-    """One URL download, run in a worker thread so that the caller can stop waiting at its deadline."""
-
-    def __init__(self, url: str, max_bytes: int, timeout_s: float):
-        self.url, self.max_bytes, self.timeout_s = url, max_bytes, timeout_s
-        self.response: requests.Response | None = None
-        self.body = b""
-        self.error: Exception | None = None
-
-    def run(self) -> None:
-        try:
-            self.body = self._download()
-        except Exception as exc:  # handed to the waiting thread by result()
-            self.error = exc
-
-    def _download(self) -> bytes:
-        try:
-            with requests.get(self.url, stream=True, timeout=self.timeout_s) as response:
-                self.response = response
-                if response.status_code != 200:
-                    raise FetchError(f"HTTP {response.status_code} {response.reason}")
-                declared = response.headers.get("Content-Length")
-                limit = self.max_bytes
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise FetchError(f"{declared} bytes exceeds the {limit}-byte limit (--max-bytes)")
-                body = bytearray()
-                for chunk in response.iter_content(1 << 16):
-                    body += chunk
-                    if len(body) > limit:
-                        raise FetchError(f"more than {limit} bytes (--max-bytes)")
-        except requests.Timeout:  # one socket wait reached timeout_s, so the whole transfer did too
-            raise _too_slow(self.timeout_s) from None
-        except requests.RequestException as exc:
-            raise FetchError(f"download failed: {exc}") from None
-        return bytes(body)
-
-    def abort(self) -> None:
-        """End a body read in progress now (urllib3 shuts the socket down for exactly this)."""
-        if self.response is not None:
-            with contextlib.suppress(ValueError, RuntimeError, OSError):
-                self.response.raw.shutdown()
-
-    def result(self) -> bytes:
-        if self.error is not None:
-            raise self.error
-        return self.body
-
-
-def _too_slow(timeout_s: float) -> FetchError:
-    return FetchError(f"took longer than {timeout_s:g} s (--timeout)")
-
-
-def fetch_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
-    """Download an http(s) URL into memory, refusing other schemes, oversize bodies and slow servers.
-
-    `timeout_s` bounds the whole transfer. requests' own timeout bounds each socket wait only, so a
-    server trickling a byte a second would never trip it: the transfer runs in a daemon thread that
-    is given up at the deadline. Its socket is shut down when the body has started, which stops the
-    thread at once; a server still trickling headers keeps it (not the caller) until it stops.
-    """
-    scheme = disallowed_scheme(url)
-    if scheme is not None:
-        raise FetchError(f"scheme '{scheme}' is not allowed; only http and https URLs are fetched")
-    transfer = _Transfer(url, max_bytes, timeout_s)
-    worker = threading.Thread(target=transfer.run, name=f"fetch {url}", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        transfer.abort()
-        raise _too_slow(timeout_s)
-    return transfer.result()
-
-
-def is_url(text: str) -> bool:
-    """Anything with a scheme of two or more letters that is not an existing path (C:\\ stays a path)."""
-    scheme = urlsplit(text).scheme
-    return len(scheme) > 1 and not Path(text).exists()
 
 
 def _unusable(reason: str) -> Callable[[], np.ndarray]:
@@ -147,7 +60,10 @@ def expand_inputs(inputs: Iterable[str], max_bytes: int, timeout_s: float,
     decode = partial(load_rgb, target_size=image_size)
     for text in inputs:
         if is_url(text):
-            yield Source(text, lambda url=text: decode(fetch_url(url, max_bytes, timeout_s)))
+            def load_url(url: str = text) -> np.ndarray:
+                return decode(fetch_bytes(url, max_bytes, timeout_s))
+
+            yield Source(text, load_url)
             continue
         path = Path(text)
         if path.is_dir():

@@ -7,20 +7,37 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from headstart.data.images import load_rgb
 from headstart.files import atomic_path
 from headstart.layout import Layout
 
+_NO_GLYPH = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # control characters but the line break titles use
+
+
+def _drawable(text: str) -> str:
+    return _NO_GLYPH.sub(" ", text)
+
 
 def save_figure(figure: Figure, target: Path) -> None:
+    """Write a PNG atomically; class names' tabs and other control characters are drawn as spaces (no font
+    has a glyph for them, and matplotlib would warn once per character)."""
+    for axes in figure.axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            labels = [label.get_text() for label in axis.get_ticklabels()]
+            if any(_NO_GLYPH.search(label) for label in labels):  # redrawn from its formatter: set them anew
+                axis.set_ticks(axis.get_ticklocs(), labels=[_drawable(label) for label in labels])
+    for text in figure.findobj(Text):
+        text.set_text(_drawable(text.get_text()))
     with atomic_path(target, suffix=".png") as tmp:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
@@ -50,34 +67,27 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], target: Path) -> None
     save_figure(figure, target)
 
 
-def plot_training_curves(live_root: Path, target: Path) -> int:
-    """One panel per stage and metric from dvclive's per-step TSV files; returns the panel count."""
-    panels: dict[tuple[str, str], list[tuple[str, pd.DataFrame]]] = {}
-    for tsv in sorted(live_root.glob("*/plots/metrics/**/*.tsv")):
-        stage = tsv.relative_to(live_root).parts[0]
-        series = tsv.parent.name if tsv.parent.name != "metrics" else ""
-        panels.setdefault((stage, tsv.stem), []).append((series, pd.read_csv(tsv, sep="\t")))
-    columns = max(1, len({metric for _, metric in panels}))
-    stages = sorted({stage for stage, _ in panels}) or ["(none)"]
-    figure = Figure(figsize=(4.5 * columns, 3.2 * len(stages)))
-    axes = figure.subplots(len(stages), columns, squeeze=False)
-    metrics = sorted({metric for _, metric in panels})
-    for row, stage in enumerate(stages):
-        for col in range(columns):
+def plot_training_curves(histories: dict[str, Path], target: Path) -> int:
+    """Loss and accuracy per epoch, train and val, one row per stage, from each stage's history.csv (the
+    stages' declared outputs, so evaluate depends on nothing it does not declare); returns the panel count."""
+    frames = {stage: pd.read_csv(path) for stage, path in histories.items() if path.exists()}
+    metrics = ("loss", "accuracy")
+    figure = Figure(figsize=(4.5 * len(metrics), 3.2 * max(1, len(frames))))
+    axes = figure.subplots(max(1, len(frames)), len(metrics), squeeze=False)
+    for row, (stage, frame) in enumerate(frames.items()):
+        for col, metric in enumerate(metrics):
             axis = axes[row][col]
-            curves = panels.get((stage, metrics[col]), []) if metrics else []
-            if not curves:
-                axis.axis("off")
-                continue
-            for series, frame in curves:
-                axis.plot(frame["step"], frame[frame.columns[-1]], marker="o", markersize=3, label=series or metrics[col])
-            axis.set(title=f"{stage}: {metrics[col]}", xlabel="step (epoch)")
+            for column, series in ((metric, "train"), (f"val_{metric}", "val")):
+                if column in frame:
+                    axis.plot(frame["epoch"], frame[column], marker="o", markersize=3, label=series)
+            axis.set(title=f"{stage}: {metric}", xlabel="epoch")
             axis.legend(fontsize=8)
-    if not panels:
-        axes[0][0].text(0.5, 0.5, f"no dvclive curves under {live_root}", ha="center", va="center")
+    if not frames:
+        axes[0][0].text(0.5, 0.5, f"no training history ({', '.join(map(str, histories.values()))})",
+                        ha="center", va="center")
     figure.tight_layout()
     save_figure(figure, target)
-    return len(panels)
+    return len(frames) * len(metrics)
 
 
 def scored_rows(rows: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:

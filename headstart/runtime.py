@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from collections.abc import Iterator
@@ -68,3 +69,24 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def runtime_info() -> dict[str, str]:
     return {"tf_version": tf.__version__, "keras_version": keras.__version__, "device": describe_device()}
+
+
+class _RetracingNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextmanager
+def fresh_models_expected() -> Iterator[None]:
+    """Silence TF's "N out of the last N calls ... triggered tf.function retracing" inside the block.
+
+    TF counts traces per Python function, and Keras' train and predict steps are the same function for
+    every model: a loop that builds a fresh model per fold traces once per fold by design, which that
+    warning (meant for a function retraced by changing arguments) misreads as a mistake.
+    """
+    notice = _RetracingNotice()
+    tf.get_logger().addFilter(notice)
+    try:
+        yield
+    finally:
+        tf.get_logger().removeFilter(notice)

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from headstart.data.artifacts import require_keras_archive
 from headstart.data.datasets import resizing_layer
 
 SIGNATURE = "serving_default"
@@ -82,7 +83,13 @@ def read_input_size(model_path: Path) -> int | None:
     """The side the model resizes to inside, from model_card.json beside it; None without a card."""
     for candidate in _beside(model_path, MODEL_CARD):
         if candidate.exists():
-            return int(json.loads(candidate.read_text(encoding="utf-8"))["input"]["resized_inside_to"][0])
+            try:
+                return int(json.loads(candidate.read_text(encoding="utf-8"))["input"]["resized_inside_to"][0])
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise ModelFormatError(
+                    f"{candidate}: damaged ({type(exc).__name__}: {exc}). Copy the export folder's {MODEL_CARD} "
+                    "again, or delete it: predict still runs without it, decoding images at full size"
+                ) from None
     return None
 
 
@@ -131,12 +138,13 @@ def _check_input(kind: str, dtype: Any, shape: Sequence[Any], path: Path) -> Non
 
 
 def _keras_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    require_keras_archive(path, "copy it again, or export it again with `headstart export`")
     model = keras.models.load_model(path, safe_mode=True, compile=False)
     _check_input("Keras", model.inputs[0].dtype, model.inputs[0].shape, path)
     return keras_runner(model)
 
 
-def keras_runner(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+def keras_runner(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
     """One traced function for every image size (no retracing per shape)."""
     call = tf.function(lambda x: model(x, training=False),
                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])

@@ -4,7 +4,7 @@ the epoch data from the decoded-image cache (optimizers and callbacks live besid
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -32,7 +32,7 @@ def array_batches(
     """
     size, classes = images.shape[1], labels.shape[1]
 
-    def generate() -> Any:
+    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         index = order()
         for start in range(0, len(index), batch_size):
             chosen = index[start : start + batch_size]
@@ -44,7 +44,7 @@ def array_batches(
         tf.data.experimental.assert_cardinality(batches))
 
 
-def one_hot(labels: Sequence[int], classes: int) -> np.ndarray:
+def one_hot(labels: Sequence[int] | np.ndarray, classes: int) -> np.ndarray:
     return np.eye(classes, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
 
 
@@ -129,12 +129,12 @@ def assemble(params: Params, layout: Layout) -> tuple[keras.Model, Backbone]:
     features = params.features
     backbone = load_backbone(features.backbone, features.weights, effective_settings(params).image_size,
                              layout.backbone_dir, allow_random=features.allow_random_weights)
-    head = keras.saving.load_model(layout.head_dir / "head.keras", compile=False, safe_mode=True)
+    head = keras.saving.load_model(layout.head_model, compile=False, safe_mode=True)
     return build_classifier(backbone, head), backbone
 
 
 def compile_for_finetuning(model: keras.Model, blocks: list[list], ft: FinetuneParams,
-                           steps_per_epoch: int) -> Any:
+                           steps_per_epoch: int) -> Callable[[int], None]:
     """Compile (after changing `trainable`: compile captures the trainable variables) with the recipe's
     optimizer, schedule and loss; returns the function that sets each epoch's per-block rates."""
     scales, release = block_scales(len(blocks), ft.unfreeze_epochs, ft.backbone_lr_multiplier)

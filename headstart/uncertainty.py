@@ -113,8 +113,9 @@ def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, num_classes: 
                         seed: int) -> Intervals:
     """Percentile intervals of accuracy, macro-F1 and each class's recall over `resamples` bootstrap draws."""
     found = _bootstrap(labels, [predicted], num_classes, resamples, seed)[0]
-    accuracy, macro_f1 = (tuple(float(v) for v in percentile_interval(found[key])) for key in ("accuracy", "macro_f1"))
-    return Intervals(accuracy=accuracy, macro_f1=macro_f1, recall=percentile_interval(found["recall"]).T)
+    (acc_low, acc_high), (f1_low, f1_high) = (percentile_interval(found[key]) for key in ("accuracy", "macro_f1"))
+    return Intervals(accuracy=(float(acc_low), float(acc_high)), macro_f1=(float(f1_low), float(f1_high)),
+                     recall=percentile_interval(found["recall"]).T)
 
 
 def format_interval(low: float, high: float) -> str:
@@ -221,6 +222,8 @@ def compare_predictions(base: Predictions, head: Predictions, resamples: int, se
     base_f1, head_f1 = point[0]["f1"][0], point[1]["f1"][0]
     per_class = pd.DataFrame({"class": classes, "base_f1": base_f1, "head_f1": head_f1, "f1_change": head_f1 - base_f1,
                               "low": f1_low, "high": f1_high, "dropped": f1_high < 0})
+    # a row per class the shared test images hold: a class only one commit knows has no image to score
+    per_class = per_class[per_class["class"].isin(set(paired["label"]))].reset_index(drop=True)
     base_accuracy, head_accuracy = float(point[0]["accuracy"][0]), float(point[1]["accuracy"][0])
     base_keys, head_keys = (set(zip(f["path"], f["label"], strict=True)) for f in (base.frame, head.frame))
     return PairedComparison(

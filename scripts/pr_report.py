@@ -40,7 +40,11 @@ class ReportError(RuntimeError):
 
 
 def dvc(*args: str, cwd: Path) -> str:
-    done = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ReportError("`dvc` is not on PATH: activate the project's .venv (or `pip install dvc`) "
+                          "and run again") from None
     if done.returncode != 0:
         raise ReportError(f"`dvc {' '.join(args)}` failed in {cwd}:\n{done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.strip()
@@ -111,18 +115,27 @@ def _listed(paths: list[str], limit: int = 5) -> str:
     return ", ".join(f"`{p}`" for p in paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
+def _text(data: bytes, origin: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PredictionsError(f"{origin}: not UTF-8 text ({exc.reason} at byte {exc.start}); rerun "
+                               "`headstart evaluate`, which writes it as UTF-8") from None
+
+
 def paired_section(base: str, cwd: Path, predictions: str, resamples: int, seed: int) -> list[str]:
     """Markdown comparing `base`'s and the workspace's per-image predictions on the test images both have."""
     title = [f"### Paired test predictions (`{predictions}`)", ""]
-    shown = subprocess.run(["git", "show", f"{base}:{predictions}"], cwd=cwd, capture_output=True, text=True)
+    shown = subprocess.run(["git", "show", f"{base}:{predictions}"], cwd=cwd, capture_output=True)
     if shown.returncode != 0:
         return [*title, f"`{base}` has no `{predictions}`, so there is nothing to pair; the metrics above "
                 "have no paired test."]
     if not (cwd / predictions).exists():
         return [*title, f"The workspace has no `{predictions}`: run `headstart evaluate` (or `dvc repro`)."]
     try:
-        found = compare_predictions(parse_predictions(shown.stdout, f"{base}:{predictions}"),
-                                    parse_predictions((cwd / predictions).read_text(encoding="utf-8"), predictions),
+        found = compare_predictions(parse_predictions(_text(shown.stdout, f"{base}:{predictions}"),
+                                                      f"{base}:{predictions}"),
+                                    parse_predictions(_text((cwd / predictions).read_bytes(), predictions), predictions),
                                     resamples, seed)
     except PredictionsError as exc:
         return [*title, f"Not compared: {exc}"]

@@ -21,8 +21,8 @@ from headstart.audit import (
     suspect_table,
 )
 from headstart.data.artifacts import load_split, load_split_paths, read_features_info
-from headstart.data.manifest import read_split_manifest
-from headstart.files import atomic_path, atomic_write_json
+from headstart.data.manifest import SPLITS, read_split_manifest
+from headstart.files import atomic_path, atomic_write_json, remove_stale_temps
 from headstart.layout import Layout
 from headstart.params import Params
 
@@ -44,10 +44,11 @@ def _rows(layout: Layout, split: str, classes: list[str], dim: int, manifest_pat
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.audit
+    remove_stale_temps(*layout.outputs("audit"), layout.audit_figures_dir / "*")
     info = read_features_info(layout)
     manifest = read_split_manifest(layout.split_manifest)
     splits = {name: _rows(layout, name, info.classes, info.feature_dim,
-                          set(manifest.loc[manifest["split"] == name, "path"])) for name in ("train", "val", "test")}
+                          set(manifest.loc[manifest["split"] == name, "path"])) for name in SPLITS}
     train = splits["train"]
 
     started = time.perf_counter()

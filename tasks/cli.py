@@ -10,7 +10,9 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,20 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(
             f"--set {text!r}: the value is not valid YAML ({problem}); quote it, e.g. {example}"
         ) from None
+
+
+MAX_TIMEOUT_S = 86_400.0
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds up to a day (`inf` would overflow the transfer's deadline)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most {MAX_TIMEOUT_S:g}, got {text!r}")
+    return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     predict.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest URL download (default: 20 MiB)")
-    predict.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per URL (default: 30)")
+    predict.add_argument("--timeout", type=seconds, default=30.0, help="seconds allowed per URL (default: 30)")
     predict.add_argument("--explain", metavar="DIR", default=None,
                          help="write a Grad-CAM overlay PNG per image into DIR (needs the .keras model)")
     predict.add_argument("--explain-layer", metavar="LAYER", default=None,
@@ -101,6 +117,30 @@ def _registry(args: argparse.Namespace) -> int:
     return 0
 
 
+# printed by TensorFlow's C++ on import whatever TF_CPP_MIN_LOG_LEVEL says (they come before absl's logging
+# is initialised); they read as trouble and say nothing a user acts on
+TF_IMPORT_BANNERS = ("All log messages before absl::InitializeLog() is called are written to STDERR",
+                     "oneDNN custom operations are on")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ stderr captured, passing on every line except TF_IMPORT_BANNERS."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not any(b in line for b in TF_IMPORT_BANNERS)))
+
+
 def _run_stage(stage: str, args: argparse.Namespace) -> None:
     # only the default may be absent (all defaults): a named file that is missing is a typo, not a request
     if args.params is not None and not Path(args.params).is_file():
@@ -114,6 +154,8 @@ def _run_stage(stage: str, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose and args.command not in ("backbones",):
+        import_tensorflow_quietly()
     try:
         if args.command in (SOURCE_STAGE, *STAGES, *TOOLS):
             _run_stage(args.command, args)

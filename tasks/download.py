@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from headstart.data.images import ImageError, inspect_image
+from headstart.data.manifest import RAW_COLUMNS
 from headstart.data.sources.candidates import Candidate, DownloadError, one_class
 from headstart.data.sources.presets import effective_settings
-from headstart.data.sources.resolve import extract_root, resolve_candidates
-from headstart.files import atomic_directory, atomic_path, atomic_write_json, remove_stale_temps
+from headstart.data.sources.resolve import resolve_candidates
+from headstart.files import atomic_directory, atomic_path, atomic_write_json, exclusive, remove_stale_temps
 from headstart.layout import Layout
 from headstart.params import Params
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "source_split", "origin")
 QUARANTINE_COLUMNS = ("origin", "label", "reason")
 
 
@@ -46,7 +46,7 @@ def _validate(candidates: list[Candidate], max_pixels: int) -> tuple[list[Accept
     accepted, quarantined = [], []
     for candidate in candidates:
         try:
-            info = inspect_image(candidate.path if candidate.path else candidate.data, max_pixels)
+            info = inspect_image(candidate.data if candidate.data is not None else candidate.source_file, max_pixels)
         except ImageError as exc:
             quarantined.append({"origin": candidate.origin, "label": candidate.label, "reason": str(exc)})
             continue
@@ -89,8 +89,9 @@ def _sample(items: list[Accepted], per_class: int | None, seed: int) -> list[Acc
     return sampled
 
 
-def _check_classes(items: list[Accepted], minimum: int, layout: Layout) -> Counter:
-    """At least two classes, none too small, and none named like the manifest written beside them."""
+def _check_classes(items: list[Accepted], minimum: int, layout: Layout,
+                   duplicates: list[dict[str, str]]) -> Counter:
+    """At least two classes, none too small (naming the copies left out), none named like the manifest."""
     counts = Counter(item.candidate.label for item in items)
     if not counts:
         raise DownloadError(f"no usable images: every one was quarantined (reasons in {layout.quarantine})")
@@ -105,7 +106,10 @@ def _check_classes(items: list[Accepted], minimum: int, layout: Layout) -> Count
             )
     small = {label: n for label, n in sorted(counts.items()) if n < minimum}
     if small:
-        listing = ", ".join(f"'{label}' has {n}" for label, n in small.items())
+        copies = Counter(row["label"] for row in duplicates)
+        listing = ", ".join(f"'{label}' has {n}" + (f" ({copies[label]} more were byte copies of these, listed "
+                                                     f"in {layout.quarantine})" if copies[label] else "")
+                            for label, n in small.items())
         raise DownloadError(
             f"too few valid images to split: {listing} (download.min_images_per_class={minimum}). "
             "Add images to these classes, remove them, or lower the threshold."
@@ -128,13 +132,13 @@ def _write_raw(items: list[Accepted], layout: Layout, sample: dict[str, Any]) ->
             if candidate.data is not None:
                 dest.write_bytes(candidate.data)
             else:
-                shutil.copyfile(candidate.path, dest)
+                shutil.copyfile(candidate.source_file, dest)
             rows.append({
                 "path": (layout.raw_dir / candidate.label / name).relative_to(layout.root).as_posix(),
                 "label": candidate.label, "sha256": item.sha256, "width": item.width, "height": item.height,
                 "mode": item.mode, "source_split": candidate.source_split, "origin": candidate.origin,
             })
-        _write_csv(staging / layout.raw_manifest.name, MANIFEST_COLUMNS, rows)
+        _write_csv(staging / layout.raw_manifest.name, RAW_COLUMNS, rows)
         atomic_write_json(staging / layout.raw_sample.name, sample)
     return rows
 
@@ -154,11 +158,16 @@ def _sample_record(selected: list[Accepted], available: dict[str, int], per_clas
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
-    """Fetch, validate, de-duplicate and (optionally) sample the source into data/raw."""
+    """Fetch, validate, de-duplicate and (optionally) sample the source into data/raw, one run at a time."""
+    with exclusive(layout.download_lock, "download"):
+        return _download(params, layout)
+
+
+def _download(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.download
     per_class = effective_settings(params).max_images_per_class
     started = time.perf_counter()
-    remove_stale_temps(layout.raw_dir, layout.quarantine, extract_root(layout) / "*")
+    remove_stale_temps(layout.raw_dir, layout.quarantine, layout.extract_dir / "*")
     resolved = resolve_candidates(p, layout, per_class)
     accepted, quarantined = _validate(resolved.candidates, p.max_image_pixels)
     kept, duplicates = _deduplicate(accepted)
@@ -166,7 +175,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     _write_csv(layout.quarantine, QUARANTINE_COLUMNS, quarantined)
     presampled = resolved.available is not None
     selected = kept if presampled else _sample(kept, per_class, p.sample_seed)
-    counts = _check_classes(selected, p.min_images_per_class, layout)
+    counts = _check_classes(selected, p.min_images_per_class, layout, duplicates)
     sample = _sample_record(selected, resolved.available or Counter(item.candidate.label for item in kept), per_class)
     rows = _write_raw(selected, layout, sample)
     summary = {

@@ -29,7 +29,6 @@ from headstart.calibration import (
 from headstart.data.artifacts import (
     FeaturesInfo,
     ModelInfo,
-    live_dir,
     load_model,
     load_split,
     read_features_info,
@@ -38,7 +37,7 @@ from headstart.data.artifacts import (
 from headstart.data.datasets import image_dataset
 from headstart.data.manifest import read_split_manifest
 from headstart.explain import GradCam, gradcam_examples, plot_gradcam
-from headstart.files import atomic_write_json, atomic_write_text
+from headstart.files import atomic_write_json, atomic_write_text, remove_stale_temps
 from headstart.layout import Layout
 from headstart.metrics import classification_metrics, per_class_report
 from headstart.model import flip_tta_passes, with_flip_tta
@@ -155,7 +154,7 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
     """
     p = params.evaluate
     classes = info.classes
-    head = load_model(layout.head_dir / "head.keras", "train_head")
+    head = load_model(layout.head_model, "train_head")
     model = flip_tta_passes(with_flip_tta(plain)) if p.tta_flip else plain  # the passes export will serve
     metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": info.fine_tuned,
                                "tta_flip": p.tta_flip, "head": {}}
@@ -177,7 +176,7 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
     metrics["calibration"], calibration = calibrate(truth, passes, p.temperature_scaling, p.calibration_bins)
     temperature = metrics["calibration"]["temperature"]
     write_reliability(truth["test"], passes["test"], temperature, p.calibration_bins,
-                      layout.reports_dir / "calibration.csv", layout.figures_dir / "reliability.png")
+                      layout.calibration_csv, layout.figures_dir / "reliability.png")
     final_probs: dict[str, np.ndarray] = {}
     for split, frame in rows.items():
         final_probs[split] = served_probabilities(passes[split], temperature)
@@ -209,12 +208,13 @@ def _write_test_reports(layout: Layout, p: EvaluateParams, test: pd.DataFrame, p
     if intervals is not None:
         report = report.assign(recall_low=intervals.recall[:, 0], recall_high=intervals.recall[:, 1])
     write_predictions(layout.predictions_file, list(test["path"]), list(test["label"]), probs, classes)
-    atomic_write_text(layout.reports_dir / "classification_report.csv", report.to_csv(index=False))
+    atomic_write_text(layout.classification_report, report.to_csv(index=False))
     pairs = pd.DataFrame({"actual": test["label"], "predicted": [classes[i] for i in predicted]})
-    atomic_write_text(layout.reports_dir / "confusion.csv", pairs.to_csv(index=False))
+    atomic_write_text(layout.confusion_csv, pairs.to_csv(index=False))
     matrix = confusion_matrix(test["y"], predicted, labels=np.arange(len(classes)))
     plot_confusion(matrix, classes, figures / "confusion_matrix.png")
-    plot_training_curves(live_dir(layout, "train_head").parent, figures / "training_curves.png")
+    plot_training_curves({"train_head": layout.head_history, "finetune": layout.finetune_history},
+                         figures / "training_curves.png")
     worst = plot_misclassified(test, probs, classes, layout.root, p.gallery_size, figures / "misclassified.png")
     worst = worst.assign(predicted_label=[classes[i] for i in worst["predicted"]])
     confusions = (pairs[pairs["actual"] != pairs["predicted"]].value_counts().rename("count").reset_index().head(10))
@@ -231,19 +231,20 @@ def _write_gradcam(params: Params, layout: Layout, info: ModelInfo, plain: keras
         return False
     model = serving_model(with_flip_tta(plain) if p.tta_flip else plain, info.image_size, info.interpolation)
     examples = gradcam_examples(test, probs, worst, p.gradcam_per_class)
-    explainer = GradCam(model, p.gradcam_layer, source=layout.finetune_dir / "model.keras")
+    explainer = GradCam(model, p.gradcam_layer, source=layout.finetune_model)
     plot_gradcam(explainer, examples, info.classes, layout.root, info.image_size, target)
     return True
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.evaluate
+    remove_stale_temps(*layout.outputs("evaluate"), layout.figures_dir / "*")
     info = read_model_info(layout)
     classes = info.classes
     features_info = read_features_info(layout)
     _check_classes(layout, classes, features_info)
     rows = _split_rows(layout, classes)
-    plain = load_model(layout.finetune_dir / "model.keras", "finetune")  # the final model, before scaling
+    plain = load_model(layout.finetune_model, "finetune")  # the final model, before scaling
     metrics, final_probs, calibration = _score(params, layout, info, features_info, plain, rows)
     intervals = {split: bootstrap_intervals(frame["y"].to_numpy(), final_probs[split].argmax(axis=1), len(classes),
                                             p.bootstrap_resamples, p.bootstrap_seed)
@@ -254,7 +255,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                                                     intervals.get("test"))
     gradcam = _write_gradcam(params, layout, info, plain, rows["test"], final_probs["test"], worst)
     passed, gate = _gate(metrics, p.assert_min_accuracy)
-    write_report(layout.reports_dir / "evaluation.md", metrics, report, confusions, worst, info, gate, calibration,
+    write_report(layout.evaluation_report, metrics, report, confusions, worst, info, gate, calibration,
                  gradcam)
     atomic_write_json(layout.metrics_file, metrics)
     if not passed:

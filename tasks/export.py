@@ -28,7 +28,7 @@ from headstart.calibration import CalibrationRecord, apply_temperature, read_cal
 from headstart.data.artifacts import ModelInfo, load_model, read_features_info, read_metrics, read_model_info
 from headstart.data.images import load_rgb
 from headstart.data.manifest import read_split_manifest
-from headstart.files import atomic_directory, atomic_write_json, sha256_file
+from headstart.files import atomic_directory, atomic_write_json, remove_stale_temps, sha256_file
 from headstart.layout import Layout
 from headstart.model import with_flip_tta
 from headstart.params import Params
@@ -170,7 +170,7 @@ def model_card(params: Params, layout: Layout, info: ModelInfo, files: dict[str,
             "split_manifest_sha256": sha256_file(layout.split_manifest),
             "features_cache_id": features_info.cache_id if features_info else None,
         },
-        "source_model_sha256": sha256_file(layout.finetune_dir / "model.keras"),
+        "source_model_sha256": sha256_file(layout.finetune_model),
         "code": code_hashes(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()},
     }
@@ -178,10 +178,11 @@ def model_card(params: Params, layout: Layout, info: ModelInfo, files: dict[str,
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.export
+    remove_stale_temps(*layout.outputs("export"))
     info = read_model_info(layout)
     classes = info.classes
     image_size = info.image_size
-    classifier = load_model(layout.finetune_dir / "model.keras", "finetune")
+    classifier = load_model(layout.finetune_model, "finetune")
     scaling = read_calibration(layout)
     apply_temperature(classifier, scaling.temperature)  # each TTA pass is scaled before the mean, as evaluated
     # the model evaluate scored: with flip test-time augmentation when evaluate.tta_flip is on
@@ -217,8 +218,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                 parity[fmt]["bytes"] = _size(path)
             card = model_card(params, layout, info, exported, parity, image_size, scaling)
             atomic_write_json(staging / MODEL_CARD, card)
-            atomic_write_json(layout.reports_dir / "export_parity.json", parity)
-            check_float_agreement(parity, p.min_float_agreement, layout.reports_dir / "export_parity.json")
+            atomic_write_json(layout.export_parity, parity)
+            check_float_agreement(parity, p.min_float_agreement, layout.export_parity)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return parity

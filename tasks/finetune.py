@@ -30,13 +30,13 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
+from headstart.backbones.registry import Backbone
 from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints
 from headstart.data.artifacts import (
     FeaturesInfo,
     HeadInfo,
     ModelInfo,
     class_weights,
-    live_dir,
     read_features_info,
     read_head_info,
     write_info,
@@ -75,7 +75,7 @@ def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
                      "image_size": effective_settings(params).image_size},
         "class_weight": params.train_head.class_weight,
         "weights_id": weights_id,
-        "head": sha256_file(layout.head_dir / "head.keras"),
+        "head": sha256_file(layout.head_model),
         "manifest": sha256_file(layout.split_manifest),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -153,7 +153,7 @@ def _read_inputs(params: Params, layout: Layout) -> _Inputs:
     return _Inputs(head_info, features_info, classes, rows, labels, n_train, weights)
 
 
-def _check_backbone(features_info: FeaturesInfo, backbone: Any) -> None:
+def _check_backbone(features_info: FeaturesInfo, backbone: Backbone) -> None:
     if features_info.weights_id != backbone.weights_id or features_info.image_size != backbone.image_size:
         raise FinetuneError(
             f"data/features/info.json was computed with weights {features_info.weights_id} at "
@@ -195,7 +195,7 @@ def _check_baseline(initial: dict[str, Any], inputs: _Inputs) -> None:
                     initial["val_accuracy"], inputs.head_info.val_accuracy)
 
 
-def _info(ft: FinetuneParams, inputs: _Inputs, backbone: Any, state: dict[str, Any], resumed_from: int,
+def _info(ft: FinetuneParams, inputs: _Inputs, backbone: Backbone, state: dict[str, Any], resumed_from: int,
           strategy: tf.distribute.Strategy, key: str, trainable: dict[str, Any]) -> dict[str, Any]:
     history = state["history"]
     best, initial = history[state["best_epoch"]], history[0]
@@ -270,7 +270,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     state = checkpoints.state
     _check_baseline(state["history"][0], inputs)
 
-    live = Live(str(live_dir(layout, "finetune") if chief else scratch / "live"), dvcyaml=None, save_dvc_exp=False)
+    live = Live(str(layout.live_dir("finetune") if scratch is None else scratch / "live"), dvcyaml=None,
+                save_dvc_exp=False)
     _log_live(live, state["history"])
     if ft.enabled:
         _fit(model, data, ft, checkpoints, live, inputs.weights)

@@ -7,7 +7,8 @@ grows geometrically from `start_lr` to `end_lr`, and records the loss of each ba
 The suggestion is the rate of the lowest smoothed loss divided by 10 (fastai's `lr_min`); the
 steepest descent is reported too. Nothing under models/ changes.
 
-Outputs: reports/lr_find.csv (a DVC plot), reports/lr_find.json, reports/figures/lr_find.png.
+Outputs (not DVC outs, so a later `dvc repro` leaves them): reports/lr_find.csv (loss per step, for
+`dvc plots show reports/lr_find.csv` or any plotting tool), reports/lr_find.json, reports/lr_find.png.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     curve = range_test(model, batches(), p)
     found = {**suggest(curve), "steps_run": len(curve), "finetune_learning_rate": params.finetune.learning_rate}
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(layout.reports_dir / "lr_find.csv", curve.to_csv(index=False))
-    atomic_write_json(layout.reports_dir / "lr_find.json", found)
-    plot_lr_curve(curve, found, params.finetune.learning_rate, layout.figures_dir / "lr_find.png")
+    atomic_write_text(layout.lr_find_curve, curve.to_csv(index=False))
+    atomic_write_json(layout.lr_find_result, found)
+    plot_lr_curve(curve, found, params.finetune.learning_rate, layout.lr_find_plot)
     log.info("lr_find: suggested learning rate %.2g (lowest loss at %.2g, steepest descent at %.2g); "
              "finetune.learning_rate is %.2g", found["suggested_learning_rate"], found["min_loss_learning_rate"],
              found["steepest_learning_rate"], params.finetune.learning_rate)

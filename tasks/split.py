@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from headstart.data.manifest import RAW_COLUMNS, SPLIT_COLUMNS, SPLITS
 from headstart.files import atomic_path, atomic_write_json, remove_stale_temps
 from headstart.layout import Layout
 from headstart.params import Params, SplitParams
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "width", "height"]
 
 
 class SplitError(ValueError):
@@ -143,8 +142,8 @@ def _check_every_split_filled(manifest: pd.DataFrame, params: SplitParams, kept_
         raise SplitError(
             f"class {label!r} has {len(group)} image(s), none for {' or '.join(empty)}: with split.val="
             f"{params.val:g} and split.test={params.test:g} every class needs at least {len(required)} "
-            f"images, one per split. Add images to it, remove it from download.source, or set "
-            f"split.{empty[0]}=0 (and raise split.train to match)."
+            "images, one per split. Add images to it, or remove it from download.source"
+            + (" (or set split.test=0 and raise split.train to match)." if empty == ["test"] else ".")
         )
 
 
@@ -162,7 +161,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     if not layout.raw_manifest.exists():
         raise SplitError(f"{layout.raw_manifest} not found: run the download stage first (headstart download)")
     raw = pd.read_csv(layout.raw_manifest, dtype={"sha256": str, "label": str, "source_split": str}, keep_default_na=False)
-    missing = [c for c in ("path", "label", "sha256", "width", "height") if c not in raw.columns]
+    missing = [c for c in RAW_COLUMNS if c in SPLIT_COLUMNS and c not in raw.columns]
     if missing:
         raise SplitError(f"{layout.raw_manifest}: missing column(s) {missing}; rerun the download stage")
     if raw["sha256"].duplicated().any():
@@ -174,7 +173,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                  " and ".join(s for s in SPLITS if s not in kept_splits))
     manifest = raw.assign(split=assign_splits(raw, params.split, _previous_assignment(layout, params.split)))
     _check_every_split_filled(manifest, params.split, kept_splits)
-    manifest = manifest[MANIFEST_COLUMNS].sort_values(["split", "label", "path"], kind="stable")
+    manifest = manifest[list(SPLIT_COLUMNS)].sort_values(["split", "label", "path"], kind="stable")
     with atomic_path(layout.split_manifest) as tmp:
         manifest.to_csv(tmp, index=False)
     summary = summarize(manifest, params.split)

@@ -22,7 +22,6 @@ from headstart.callbacks import EpochTimer
 from headstart.data.artifacts import (
     HeadInfo,
     class_weights,
-    live_dir,
     load_split,
     read_features_info,
     write_info,
@@ -86,7 +85,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         metrics=["accuracy"],
     )
     timer = EpochTimer()
-    live = Live(str(live_dir(layout, "train_head")), dvcyaml=None, save_dvc_exp=False)
+    live = Live(str(layout.live_dir("train_head")), dvcyaml=None, save_dvc_exp=False)
     # patience 0 disables stopping but still restores the weights of the best validation loss
     stopper = keras.callbacks.EarlyStopping("val_loss", patience=p.early_stopping_patience or p.epochs, restore_best_weights=True)
     history = head.fit(
@@ -130,8 +129,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 
 def _write_outputs(layout: Layout, head: keras.Model, history: dict[str, list[float]], result: dict[str, Any]) -> None:
     with atomic_directory(layout.head_dir) as staging:
-        head.save(staging / "head.keras")
+        head.save(staging / layout.head_model.name)
         frame = pd.DataFrame(history)
         frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
-        frame.to_csv(staging / "history.csv", index=False)
+        frame.to_csv(staging / layout.head_history.name, index=False)
         write_info(staging / "info.json", result, HeadInfo)

@@ -67,6 +67,7 @@ def _split_of(layout: Layout) -> dict[str, str]:
     return dict(zip(manifest["path"].str.removeprefix("data/raw/"), manifest["split"], strict=True))
 
 
+@pytest.mark.slow
 def test_planted_copies_across_splits_are_found(audited) -> None:
     layout, copies, _ = audited
     splits = _split_of(layout)
@@ -86,6 +87,7 @@ def test_planted_copies_across_splits_are_found(audited) -> None:
     assert (layout.audit_figures_dir / "leakage.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_planted_label_flips_rank_at_the_top(audited) -> None:
     layout, _, flips = audited
     splits = _split_of(layout)
@@ -103,6 +105,7 @@ def test_planted_label_flips_rank_at_the_top(audited) -> None:
     assert (layout.audit_figures_dir / "suspect_labels.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_tiny_classes_get_fewer_folds_or_are_left_unscored(audited, caplog) -> None:
     layout, _, _ = audited
     info = read_features_info(layout)
@@ -125,6 +128,7 @@ def test_bad_audit_params_are_named(key: str, value: float, capsys) -> None:
     assert f"key 'audit.{key}' has value {value!r}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_chunked_search_matches_the_full_similarity_matrix(audited, monkeypatch) -> None:
     layout, _, _ = audited
     info = read_features_info(layout)

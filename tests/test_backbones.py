@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import shutil
+import threading
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -18,6 +22,8 @@ from headstart.backbones.registry import REGISTRY, packaged_checkpoint
 from headstart.backbones.weights import converted_weights
 from headstart.files import sha256_file
 from tests.fixtures.make_reference import center_crop_pixels, fixture_path, photo_path
+
+pytestmark = pytest.mark.slow  # runs backbones
 
 DARKNET = Path("/usr/share/darknet/data")
 PACKAGED = ("mobilenet_v2_tv", "efficientnet_lite0")
@@ -317,12 +323,34 @@ def test_weights_file_of_another_backbone_is_refused(tmp_path: Path) -> None:
         load_backbone("mobilenet_v2_tv", str(path), 64, tmp_path)
 
 
-def test_imagenet_download_gives_the_checkpoint_or_a_clear_error(tmp_path: Path) -> None:
-    """With internet: torchvision's own file, converted like the packaged one. Offline: what to use instead."""
-    try:
-        backbone = load_backbone("mobilenet_v2_tv", "imagenet", 64, tmp_path)
-    except ValueError as exc:
-        assert "could not download ImageNet weights for mobilenet_v2_tv" in str(exc)
-        assert "Use weights: packaged" in str(exc)
-    else:
-        assert backbone.weights_id == REGISTRY["mobilenet_v2_tv"].packaged.sha256
+@pytest.fixture
+def checkpoint_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """torchvision's checkpoint (the packaged file) served on 127.0.0.1 at the registry's download address;
+    yields the folder served, so a test can take the file away."""
+    spec = REGISTRY["mobilenet_v2_tv"]
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(packaged_checkpoint(spec), www / "mobilenet_v2.pth")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/mobilenet_v2.pth"
+    monkeypatch.setitem(REGISTRY, spec.name, replace(spec, packaged=replace(spec.packaged, url=url)))
+    yield www
+    server.shutdown()
+    server.server_close()
+
+
+def test_imagenet_download_gives_the_checkpoint(tmp_path: Path, checkpoint_server: Path) -> None:
+    """weights: imagenet fetches torchvision's own file and converts it like the packaged one."""
+    backbone = load_backbone("mobilenet_v2_tv", "imagenet", 64, tmp_path / "weights")
+    assert backbone.weights_id == REGISTRY["mobilenet_v2_tv"].packaged.sha256
+    assert (tmp_path / "weights" / "downloads" / "mobilenet_v2.pth").exists()  # in the folder asked, not /tmp
+
+
+def test_imagenet_download_failure_says_what_to_use_instead(tmp_path: Path, checkpoint_server: Path) -> None:
+    (checkpoint_server / "mobilenet_v2.pth").unlink()  # the address answers 404, as offline or moved
+    with pytest.raises(ValueError, match=r"could not download ImageNet weights for mobilenet_v2_tv .*"
+                                         r"Use weights: packaged"):
+        load_backbone("mobilenet_v2_tv", "imagenet", 64, tmp_path / "weights")

@@ -69,6 +69,7 @@ def overconfident_head(trained_tree, fashion_arrays) -> dict[str, tuple[np.ndarr
             for split, part in (("val", slice(1000, 1500)), ("test", slice(1500, 2000)))}
 
 
+@pytest.mark.slow
 def test_temperature_fitted_on_val_lowers_ece_on_val_and_held_out_test(overconfident_head):
     val_labels, val_probs = overconfident_head["val"]
     temperature = fit_temperature(val_labels, val_probs[None])

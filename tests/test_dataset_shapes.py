@@ -1,4 +1,4 @@
-"""The whole pipeline on real images for each dataset shape users bring (issue 10's test matrix).
+"""The whole pipeline on real images for each dataset shape users bring: one run per shape in the matrix below.
 
 Each shape is a small folder tree of real Fashion-MNIST images, written in the shape's file format,
 that goes through download, split, features, train_head, finetune, evaluate and export at 32 px
@@ -88,6 +88,7 @@ def _text_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
+@pytest.mark.slow
 def test_reports_name_every_class_by_its_folder(tree):
     name, layout = tree
     folders = sorted(SHAPES[name].classes)
@@ -103,6 +104,7 @@ def test_reports_name_every_class_by_its_folder(tree):
     assert all(re.search(rf"^\| {re.escape(folder)} +\|", report, re.MULTILINE) for folder in folders)
 
 
+@pytest.mark.slow
 def test_exported_labels_are_the_folder_names(tree):
     name, layout = tree
     folders = sorted(SHAPES[name].classes)
@@ -110,6 +112,7 @@ def test_exported_labels_are_the_folder_names(tree):
     assert json.loads((layout.export_dir / "model_card.json").read_text())["classes"] == folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_predict_answers_with_the_folder_names_as_evaluate_did(tree, fmt):
     """predict on the test images gives evaluate's top-1 answers, spelled as the folders are."""
@@ -131,6 +134,7 @@ def test_predict_answers_with_the_folder_names_as_evaluate_did(tree, fmt):
     assert sorted(as_csv["label"]) == sorted(folders * 2)
 
 
+@pytest.mark.slow
 def test_every_class_is_in_val_and_test(tree):
     name, layout = tree
     per_class = json.loads(layout.split_summary.read_text())["per_class"]

@@ -187,7 +187,7 @@ def test_flowers17_labels_by_file_index(tmp_path, fashion_arrays):
     folder.mkdir()
     for number in (1, 80, 81, 160):
         Image.fromarray(images[number]).save(folder / f"image_{number:04d}.jpg")
-    candidates, _ = folder_candidates(tmp_path, load_presets()["flowers17"])
+    candidates, *_ = folder_candidates(tmp_path, load_presets()["flowers17"])
     assert {c.name: c.label for c in candidates} == {
         "image_0001.jpg": "daffodil", "image_0080.jpg": "daffodil", "image_0081.jpg": "snowdrop", "image_0160.jpg": "snowdrop"}
 
@@ -197,7 +197,7 @@ def test_cats_vs_dogs_labels_from_file_names(tmp_path, photos):
         shutil.copy(photos["dog"], tmp_path / name)
     (tmp_path / "PetImages" / "Cat").mkdir(parents=True)
     shutil.copy(photos["dog"], tmp_path / "PetImages" / "Cat" / "3.jpg")
-    candidates, _ = folder_candidates(tmp_path, load_presets()["cats_vs_dogs"])
+    candidates, *_ = folder_candidates(tmp_path, load_presets()["cats_vs_dogs"])
     assert sorted((c.name, c.label) for c in candidates) == [("3.jpg", "cat"), ("cat.1.jpg", "cat"), ("dog.7.jpg", "dog")]
 
 
@@ -359,7 +359,7 @@ def test_sampling_is_seeded_and_per_class(tmp_path, small_dataset):
     assert a["sha256"].tolist() == b["sha256"].tolist()
 
 
-# --------------------------------------------------------------------------- dataset shapes (issue 10)
+# ------------------------------------------------------ dataset shapes: pre-split, one class, empty, reserved names
 
 
 def test_presplit_tree_keeps_its_split_not_read_as_classes(tmp_path, small_dataset):
@@ -535,7 +535,7 @@ def test_truncated_gzipped_idx_is_named(tmp_path):
         shutil.copy(FASHION_DIR / name, folder / name)
     images = _truncate(folder / "t10k-images-idx3-ubyte.gz")
     with pytest.raises(DownloadError, match=rf"{images}: truncated or corrupt gzip file"):
-        _run(tmp_path, source=str(folder), max_images_per_class=5)
+        _run(tmp_path, source=str(folder), max_images_per_class=5, min_images_per_class=5)
 
 
 # --------------------------------------------------------------------------- outputs on disk

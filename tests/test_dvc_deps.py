@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from headstart.layout import Layout
 from headstart.params import SOURCE_STAGE, STAGES, TOOLS
 from tests.conftest import REPO_ROOT
 
@@ -33,8 +34,9 @@ def project_imports(module: Path, module_level_only: bool = False) -> set[Path]:
             continue
         seen.add(current)
         tree = ast.parse(current.read_text())
+        type_only = {id(inner) for node in ast.walk(tree) if _is_type_checking_block(node) for inner in ast.walk(node)}
         nodes = tree.body if module_level_only and current == module else ast.walk(tree)
-        for node in nodes:
+        for node in (n for n in nodes if id(n) not in type_only):
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
@@ -43,6 +45,11 @@ def project_imports(module: Path, module_level_only: bool = False) -> set[Path]:
                 if name.split(".")[0] in PACKAGES and candidate.exists():
                     pending.append(candidate)
     return seen
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` imports are read by type checkers only, never run."""
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
 def declared_deps(stage: str) -> set[Path]:
@@ -78,3 +85,13 @@ def test_package_init_files_hold_only_a_docstring() -> None:
         body = ast.parse(init.read_text()).body
         code = [node for node in body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
         assert not code, f"{init.relative_to(REPO_ROOT)} holds code; move it into a module"
+
+
+@pytest.mark.parametrize("stage", (SOURCE_STAGE, *STAGES))
+def test_every_dvc_yaml_output_is_a_layout_path(stage: str) -> None:
+    """What dvc.yaml declares a stage writes is exactly what Layout says it writes (outs, metrics and plots)."""
+    declared = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"][stage]
+    outs = {next(iter(out)) if isinstance(out, dict) else out
+            for kind in ("outs", "metrics", "plots") for out in declared.get(kind, [])}
+    layout = Layout(Path("."))
+    assert outs == {path.as_posix() for path in layout.outputs(stage)}

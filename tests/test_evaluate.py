@@ -25,6 +25,8 @@ from tasks import cli, evaluate
 from tests.conftest import REPO_ROOT
 from tests.model_fixture import trained_params
 
+pytestmark = pytest.mark.slow  # trains a model through finetune, then evaluates it
+
 
 def _recomputed(layout: Layout) -> dict[str, dict[str, np.ndarray]]:
     """Predictions made here, independently of the stage: head on cached features, classifier on images."""

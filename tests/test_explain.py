@@ -21,6 +21,8 @@ from headstart.serving import keras_runner, load_predictor, serving_model
 from tasks import cli, evaluate
 from tests.model_fixture import trained_params
 
+pytestmark = pytest.mark.slow  # trains a model through finetune, then runs Grad-CAM
+
 # the fixture's model takes 32 px, where the last conv block is 1x1 (a constant map): the tests of what
 # the maps show use a block with a 4x4 map
 LAYER = "block_5_add"

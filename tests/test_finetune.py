@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ from tasks import finetune, train_head
 from tasks.finetune import FinetuneError
 from tests.conftest import REPO_ROOT
 from tests.stage_inputs import build_feature_tree, copy_tree, make_params
+
+pytestmark = pytest.mark.slow  # fine-tunes a backbone
 
 EVERY_AUGMENTATION = {"rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1}  # flip is on by default
 # the recipe of the old Keras guides: top block only, BatchNorm frozen, SGD at a low constant rate
@@ -250,5 +253,17 @@ def test_lr_find_writes_a_curve_and_a_suggestion_without_touching_models(layout:
     assert saved["suggested_learning_rate"] == pytest.approx(found["suggested_learning_rate"])
     assert saved["suggested_learning_rate"] == pytest.approx(saved["min_loss_learning_rate"] / 10)
     assert 1e-7 <= saved["suggested_learning_rate"] < 1.0
-    assert (layout.reports_dir / "figures" / "lr_find.png").stat().st_size > 1000
+    assert layout.lr_find_plot.stat().st_size > 1000 and layout.lr_find_plot.parent != layout.figures_dir
     assert sha256_file(layout.head_dir / "head.keras") == head_before and not layout.finetune_dir.exists()
+
+
+def test_damaged_checkpoint_is_named_and_the_run_starts_from_the_head(layout: Layout, caplog) -> None:
+    settings = {"epochs": 1, "schedule": "constant"}
+    first = finetune.run(make_params(layout.root, finetune=settings), layout)
+    state = layout.checkpoint_dir / first["checkpoint_key"] / "state.json"
+    state.write_text('{"epochs_done": 1, "last": ')  # a write cut short
+    with caplog.at_level(logging.WARNING):
+        again = finetune.run(make_params(layout.root, finetune=settings), layout)
+    assert again["resumed_from_epoch"] == 0 and again["epochs_run"] == 1
+    assert f"checkpoint {state.parent} is damaged" in caplog.text
+    assert json.loads(state.read_text())["epochs_done"] == 1  # written afresh

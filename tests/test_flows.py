@@ -30,11 +30,13 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import ARTIFACT_KEY, is_transient, pipeline
 from flows.stages import StageDeclarationError, hash_path, read_stage_specs, stage_key
-from headstart.data.sources.candidates import DownloadError
+from headstart.data.sources.candidates import DownloadError, TransientDownloadError
 from headstart.files import sha256_file
 from headstart.layout import Layout
 from headstart.params import STAGES, ParamsError, load_params
 from tests.conftest import REPO_ROOT, write_class_folders
+
+pytestmark = pytest.mark.slow  # starts a Prefect server and runs stages
 
 FAST = {"download.min_images_per_class": 5}
 NO_FILE = "/nonexistent/params.yaml"
@@ -215,7 +217,8 @@ def test_bad_input_is_not_retried(tmp_path: Path) -> None:
 
 
 def test_transient_errors_are_told_apart_from_bad_input() -> None:
-    assert is_transient(DownloadError("http://x/a.tgz: download failed after 5 attempts (timed out)"))
+    assert is_transient(TransientDownloadError("http://x/a.tgz: transfer failed (timed out)"))
+    assert not is_transient(DownloadError("a message that says download failed after 5 attempts"))
     assert is_transient(ConnectionResetError("reset by peer"))
     assert not is_transient(DownloadError("download.source 'x': no such preset, folder or file"))
     assert not is_transient(FileNotFoundError("data/raw/manifest.csv"))

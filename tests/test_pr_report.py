@@ -28,6 +28,8 @@ from tests.conftest import FASHION_CLASSES, REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import pr_report  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs dvc repro in a real repo
+
 BIN = Path(sys.executable).parent
 TRAIN = '''
 import json, warnings

@@ -128,7 +128,7 @@ def test_missing_raw_manifest_says_run_download(tmp_path):
         split.run(load_params(tmp_path / "absent.yaml"), Layout(tmp_path))
 
 
-# --------------------------------------------------------------------------- small classes (issue 10)
+# ----------------------------------------------------- small classes: one image per split before any fraction
 
 
 def _per_class(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:

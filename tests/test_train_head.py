@@ -32,6 +32,7 @@ def _val(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
         return data["features"], data["labels"]
 
 
+@pytest.mark.slow
 def test_head_learns_real_features_and_writes_its_contract(layout: Layout) -> None:
     result = train_head.run(make_params(layout.root), layout)
 
@@ -60,6 +61,7 @@ def test_head_learns_real_features_and_writes_its_contract(layout: Layout) -> No
     assert len(curve) == info["epochs_run"]
 
 
+@pytest.mark.slow
 def test_same_params_and_data_give_the_same_weights(layout: Layout, tree: Path, tmp_path: Path) -> None:
     other = copy_tree(tree, tmp_path / "other")
     reseeded = copy_tree(tree, tmp_path / "reseeded")
@@ -76,6 +78,7 @@ def test_same_params_and_data_give_the_same_weights(layout: Layout, tree: Path, 
     assert any(not np.array_equal(a, b) for a, b in zip(weights(layout), weights(reseeded), strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("settings", "layer_types"),
     [
@@ -93,6 +96,7 @@ def test_head_variants_from_params(layout: Layout, settings: dict, layer_types: 
     assert info["val_accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_cached_augmented_views_join_the_training_rows(layout: Layout) -> None:
     params = make_params(layout.root, features={"augmented_views": 1}, train_head={"epochs": 2})
     features.run(params, layout)
@@ -125,17 +129,20 @@ def test_bad_class_weights_are_refused(spec, labels: list[int], message: str) ->
         class_weights(spec, np.array(labels), ["a", "b", "c"])
 
 
+@pytest.mark.slow
 def test_unknown_class_weight_name_stops_the_stage(layout: Layout) -> None:
     with pytest.raises(ArtifactError, match="unknown class.*'coat'"):
         train_head.run(make_params(layout.root, train_head={"class_weight": {"coat": 2.0}}), layout)
     assert not layout.head_dir.exists()
 
 
+@pytest.mark.slow
 def test_random_backbone_weights_are_refused(layout: Layout) -> None:
     with pytest.raises(RandomWeightsError, match="allow_random_weights"):
         train_head.run(make_params(layout.root, features={"weights": "none"}), layout)
 
 
+@pytest.mark.slow
 def test_missing_or_mismatched_features_name_the_file(tmp_path: Path, layout: Layout) -> None:
     with pytest.raises(FileNotFoundError, match=r"info.json not found: run `headstart features` first"):
         train_head.run(make_params(tmp_path), Layout(tmp_path))

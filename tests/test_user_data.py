@@ -1,4 +1,4 @@
-"""Data as users have it (issue 13): pre-split folders, label files, and demo settings kept to the demo.
+"""Data as users have it: pre-split folders, label files, and demo settings kept to the demo.
 
 Every test reads real Fashion-MNIST images through the real download and split stages.
 """
@@ -190,8 +190,8 @@ def test_auto_sample_and_size_are_the_demo_only_for_the_preset(tmp_path, small_d
     own = load_params(REPO_ROOT / "params.yaml", {"download.source": str(small_dataset)})
     assert effective_settings(own) == EffectiveSettings(max_images_per_class=None, image_size=None, demo=False)
     assert image_size_for(get_spec(own.features.backbone), effective_settings(own).image_size) == 224
-    chosen = load_params(REPO_ROOT / "params.yaml", {"download.max_images_per_class": 7, "features.image_size": 64})
-    assert effective_settings(chosen) == EffectiveSettings(max_images_per_class=7, image_size=64, demo=False)
+    chosen = load_params(REPO_ROOT / "params.yaml", {"download.max_images_per_class": 12, "features.image_size": 64})
+    assert effective_settings(chosen) == EffectiveSettings(max_images_per_class=12, image_size=64, demo=False)
 
 
 def test_an_own_folder_keeps_every_image_by_default(tmp_path, fashion_arrays):

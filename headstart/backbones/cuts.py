@@ -36,6 +36,7 @@ def resolve_unfreeze_index(backbone: Backbone, unfreeze_from: str | int | None, 
     if unfreeze_from is None and top_blocks == "all":
         return 0
     if unfreeze_from is None:
+        assert isinstance(top_blocks, int), top_blocks  # "all" returned above; params allow no other text
         if top_blocks < 0 or top_blocks > len(points):
             raise ValueError(f"top_blocks {top_blocks} for {backbone.spec.name}: it has {len(points)} blocks")
         return len(layers) if top_blocks == 0 else list(points.values())[-top_blocks]

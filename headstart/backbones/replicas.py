@@ -4,6 +4,7 @@ name map from each replica layer to the torch parameters that fill it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import keras
 
@@ -57,7 +58,7 @@ class _Block:
 
 def _expand_blocks(settings: tuple[tuple[int, int, int, int, int, int], ...], first_index: int) -> list[_Block]:
     """settings rows: (expand_ratio, in_channels, out_channels, repeats, stride, kernel)."""
-    blocks = []
+    blocks: list[_Block] = []
     for expand, in_channels, out_channels, repeats, stride, kernel in settings:
         for repeat in range(repeats):
             blocks.append(
@@ -86,19 +87,19 @@ def _inverted_residual_net(
     dropout: float,
 ) -> keras.Model:
     """MobileNetV2 / EfficientNet-Lite body; with include_top, the base is nested as layer `base`."""
-    conv = dict(epsilon=epsilon, torch_padding=torch_padding)
+    conv = partial(_conv_bn, epsilon=epsilon, torch_padding=torch_padding)
     inputs = keras.Input(input_shape)
-    x = _conv_bn(inputs, "stem", stem_channels, 3, 2, **conv)
+    x = conv(inputs, "stem", stem_channels, 3, 2)
     for block in blocks:
         prefix = f"block_{block.index}"
         shortcut = x
         if block.expand_ratio != 1:
-            x = _conv_bn(x, f"{prefix}_expand", block.in_channels * block.expand_ratio, 1, 1, **conv)
-        x = _conv_bn(x, f"{prefix}_dw", 0, block.kernel, block.stride, depthwise=True, **conv)
-        x = _conv_bn(x, f"{prefix}_project", block.out_channels, 1, 1, activation=False, **conv)
+            x = conv(x, f"{prefix}_expand", block.in_channels * block.expand_ratio, 1, 1)
+        x = conv(x, f"{prefix}_dw", 0, block.kernel, block.stride, depthwise=True)
+        x = conv(x, f"{prefix}_project", block.out_channels, 1, 1, activation=False)
         if block.stride == 1 and block.in_channels == block.out_channels:
             x = keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
-    x = _conv_bn(x, "top", head_channels, 1, 1, **conv)
+    x = conv(x, "top", head_channels, 1, 1)
     base = keras.Model(inputs, x, name=BASE_NAME if include_top else name)
     if not include_top:
         return base

@@ -7,8 +7,10 @@ import json
 import logging
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 
@@ -103,6 +105,7 @@ def download_checkpoint(spec: BackboneSpec, weights_dir: Path) -> Path:
     """`imagenet` for a torch-sourced backbone: fetch the same checkpoint from its official address."""
     assert spec.packaged is not None and spec.packaged.url is not None
     name = spec.packaged.url.rsplit("/", 1)[-1]
+    Path(weights_dir).mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp/.keras when it is absent
     return Path(
         keras.utils.get_file(
             name, spec.packaged.url, file_hash=spec.packaged.sha256, cache_dir=str(Path(weights_dir).resolve()), cache_subdir="downloads"
@@ -125,6 +128,13 @@ def weights_path(spec: BackboneSpec, weights: str) -> Path:
         )
     if not path.is_file():
         raise ValueError(f"weights file {path} does not exist (weights: {weights!r}); check the path")
+    keras_zip = path.suffix == ".keras"
+    if not (zipfile.is_zipfile(path) if keras_zip else h5py.is_hdf5(path)):
+        raise ValueError(
+            f"weights file {path} is not {'a .keras zip archive' if keras_zip else 'an HDF5 file'} (damaged, or "
+            "another format renamed): features.weights takes a Keras weights file, HDF5 (.weights.h5, .h5) or a "
+            "saved .keras model"
+        )
     return path
 
 

@@ -4,8 +4,9 @@ and class weights derived from the training labels. Stages read each other's out
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -23,19 +24,24 @@ class ArtifactError(ValueError):
 def read_json(path: Path, stage: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `headstart {stage}` first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: the file: {exc} (damaged, not JSON); rerun `headstart {stage}`") from None
+
+
+def require_keras_archive(path: Path, advice: str) -> None:
+    """A `.keras` file is a zip archive; Keras reports one cut short as "File not found", which it is not."""
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError(f"{path}: not a .keras zip archive (truncated or damaged): {advice}")
 
 
 def load_model(path: Path, stage: str) -> keras.Model:
     """Load a `.keras` file in safe mode (no Lambda layers or custom code are trusted)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `headstart {stage}` first")
+    require_keras_archive(path, f"rerun `headstart {stage}`")
     return keras.models.load_model(path, safe_mode=True, compile=False)
-
-
-def live_dir(layout: Layout, stage: str) -> Path:
-    """Where dvclive logs a stage's per-epoch metrics (declared as metrics/plots in dvc.yaml)."""
-    return layout.root / "live" / stage
 
 
 class StageInfo(BaseModel):
@@ -70,11 +76,14 @@ class ModelInfo(StageInfo):
     fine_tuned: bool = False
 
 
-def _read_info(path: Path, stage: str, model: type[StageInfo]) -> Any:
+Info = TypeVar("Info", bound=StageInfo)
+
+
+def _read_info(path: Path, stage: str, model: type[Info]) -> Info:
     try:
         return model.model_validate(read_json(path, stage))
-    except (ValidationError, json.JSONDecodeError) as exc:
-        problem = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
+    except ValidationError as exc:
+        problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"]) or "the file"
         raise ArtifactError(f"{path}: {where}: {problem['msg']}; rerun `headstart {stage}`") from None
 
@@ -138,7 +147,7 @@ def class_weights(spec: str | dict[str, float], labels: np.ndarray, classes: lis
     """
     if spec == "none":
         return None
-    if spec == "balanced":
+    if isinstance(spec, str):  # "balanced": params allow no other text
         present = np.bincount(labels, minlength=len(classes))
         if (present == 0).any():
             empty = [c for c, n in zip(classes, present, strict=True) if n == 0]

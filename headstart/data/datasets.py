@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import tensorflow as tf
 from keras import layers
 
 from headstart.data.images import DECODE_ID, load_rgb
-from headstart.files import atomic_path
+from headstart.files import atomic_path, atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
 
 CACHE_BATCH = 64
 
@@ -64,16 +67,42 @@ def cached_images(
     """
     digest = hashlib.sha256(json.dumps([list(keys), image_size, interpolation, DECODE_ID]).encode()).hexdigest()[:20]
     target = folder / f"images-{digest}.npy"
-    if not target.exists():
+    shape = (len(paths), image_size, image_size, 3)
+    if not _intact(target, shape):
         with atomic_path(target, suffix=".npy") as tmp:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3))
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             row = 0
             for batch in image_dataset(paths, None, image_size, CACHE_BATCH, interpolation):
                 array[row : row + len(batch)] = np.clip(np.rint(batch.numpy()), 0, 255).astype(np.uint8)
                 row += len(batch)
             array.flush()
             del array
-        for stale in folder.glob("images-*.npy"):
-            if stale != target:
+        atomic_write_text(_checksum_file(target), sha256_file(target) + "\n")  # last: it vouches for the file
+        for stale in folder.glob("images-*.npy*"):
+            if stale not in (target, _checksum_file(target)):
                 stale.unlink(missing_ok=True)
     return np.load(target, mmap_mode="r")
+
+
+def _checksum_file(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".sha256")
+
+
+def _intact(cache: Path, shape: tuple[int, ...]) -> bool:
+    """True when `cache` holds the whole array its header promises and matches the checksum written after it;
+    a cache cut short (a full disk, a copy interrupted) or altered is named and rebuilt."""
+    if not cache.exists():
+        return False
+    try:
+        array = np.load(cache, mmap_mode="r")
+        problem = "" if array.shape == shape and array.dtype == np.uint8 else f"holds {array.shape}, not {shape}"
+        del array
+    except (ValueError, OSError, EOFError) as exc:  # numpy: "mmap length is greater than file size"
+        problem = str(exc)
+    checksum = _checksum_file(cache)
+    if not problem and not (checksum.exists() and checksum.read_text().strip() == sha256_file(cache)):
+        problem = f"its content does not match {checksum.name}" if checksum.exists() else f"{checksum.name} is missing"
+    if problem:
+        log.warning("decoded-image cache %s is damaged or incomplete (%s): decoding the images again", cache, problem)
+        return False
+    return True

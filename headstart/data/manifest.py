@@ -1,4 +1,5 @@
-"""The one reader of the split manifest (`data/split/manifest.csv`) for every stage after split.
+"""The manifests' schema (the raw one download writes, the split one split writes) and the one reader of
+the split manifest (`data/split/manifest.csv`) for every stage after split.
 
 Every column is read as text with no missing-value guessing: pandas' defaults would turn class
 folders named `0`/`1` into integers and a folder named `NA` into NaN, so a stage would no longer
@@ -12,7 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 SPLITS = ("train", "val", "test")
-REQUIRED_COLUMNS = ("path", "label", "split", "sha256")
+RAW_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "source_split", "origin")  # data/raw/manifest.csv
+SPLIT_COLUMNS = ("path", "label", "split", "sha256", "width", "height")  # data/split/manifest.csv
+REQUIRED_COLUMNS = ("path", "label", "split", "sha256")  # what the stages after split read
 
 
 class ManifestError(ValueError):

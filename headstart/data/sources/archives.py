@@ -8,6 +8,8 @@ import re
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -71,6 +73,18 @@ def _budget(archive: Path, written: int, max_bytes: int) -> None:
         )
 
 
+@contextmanager
+def _member(archive: Path, name: str) -> Iterator[None]:
+    """Name the archive and the member when a member's path is both a file and a folder in it."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise DownloadError(
+            f"{archive}: member {name!r} is both a file and a folder in the archive, which is malformed: "
+            "rebuild the archive from the image folder"
+        ) from None
+
+
 def _copy_limited(source: Any, dest: Path, archive: Path, written: int, max_bytes: int) -> int:
     with open(dest, "wb") as out:
         for chunk in iter(lambda: source.read(1 << 20), b""):
@@ -94,8 +108,8 @@ def _extract_zip(archive: Path, staging: Path, max_bytes: int, max_members: int)
             if member.is_dir():
                 continue
             dest = staging / relative
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with bundle.open(member) as source:
+            with _member(archive, member.filename), bundle.open(member) as source:
+                dest.parent.mkdir(parents=True, exist_ok=True)
                 written = _copy_limited(source, dest, archive, written, max_bytes)
 
 
@@ -131,7 +145,8 @@ def _extract_tar(archive: Path, staging: Path, max_bytes: int, max_members: int)
             if not member.isfile():
                 continue  # folders are made as needed; links inside the archive are skipped (targets come on their own)
             dest = staging / relative
-            dest.parent.mkdir(parents=True, exist_ok=True)
             source = bundle.extractfile(member)
             if source is not None:
-                written = _copy_limited(source, dest, archive, written, max_bytes)
+                with _member(archive, member.name):
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    written = _copy_limited(source, dest, archive, written, max_bytes)

@@ -15,21 +15,15 @@ from filelock import FileLock
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from headstart.data.sources.candidates import DownloadError
+from headstart.data.sources.candidates import DownloadError, TransientDownloadError
 from headstart.files import atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from headstart.progress import download_progress
+from headstart.web import URL_SCHEMES, disallowed_scheme
 
 log = logging.getLogger(__name__)
 
-URL_SCHEMES = ("http", "https")
 _CUT_SHORT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
               urllib3.exceptions.HTTPError)
-
-
-def disallowed_scheme(url: str) -> str | None:
-    """The URL's scheme unless it is http(s): `file://` and others would reach what a URL source should not."""
-    scheme = urlparse(url).scheme.lower()
-    return None if scheme in URL_SCHEMES else scheme
 
 
 def url_cache_path(downloads_dir: Path, url: str) -> Path:
@@ -139,9 +133,9 @@ def _session(retries: int, final: tuple[int, ...] = ()) -> requests.Session:
     return session
 
 
-def _failed(url: str, part: Path | None, attempts: int, reason: object) -> DownloadError:
+def _failed(url: str, part: Path | None, attempts: int, reason: object) -> TransientDownloadError:
     kept = f" The partial file {part} is kept and the next run resumes from it." if part else ""
-    return DownloadError(f"{url}: download failed after {attempts} attempts ({reason}).{kept}")
+    return TransientDownloadError(f"{url}: download failed after {attempts} attempts ({reason}).{kept}")
 
 
 def _fetch_verified(
@@ -181,6 +175,8 @@ def _get(session: requests.Session, url: str, part: Path, offset: int, timeout_s
         return session.get(url, headers=headers, stream=True, timeout=timeout_s)
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError) as exc:
         raise _failed(url, part, retries + 1, exc) from None
+    except requests.TooManyRedirects as exc:
+        raise DownloadError(f"{url}: redirect loop ({exc}); check the URL in a browser") from None
 
 
 def _stream_to(session: requests.Session, url: str, part: Path, timeout_s: float, retries: int) -> None:

@@ -38,7 +38,7 @@ from headstart.params import DownloadParams
 def source_fingerprint(params: DownloadParams, layout: Layout, cache: HashCache) -> dict[str, Any]:
     """{kind, source, digest, ...}: `digest` is the sha256 of everything but `source` (content, not place)."""
     presets = load_presets()
-    kind = source_kind(params.source, presets)
+    kind = source_kind(params.source, presets, layout)
     path = Path(params.source).expanduser()
     content: dict[str, Any] = {"kind": kind}
     if kind == "preset":

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from headstart.data.images import is_candidate_image, is_image_name
-from headstart.data.sources.candidates import Candidate, DownloadError, one_class
+from headstart.data.sources.candidates import Candidate, DownloadError, label_problem, one_class
 
 
 def dataset_root(folder: Path) -> Path:
@@ -22,15 +22,23 @@ def dataset_root(folder: Path) -> Path:
             return folder
 
 
+def is_hidden(relative: str) -> bool:
+    """A relative posix path under a hidden or __MACOSX folder, or a hidden file."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in relative.split("/"))
+
+
 def is_source_image(relative: str) -> bool:
     """A file the download stage reads (a relative posix path): an image by name, not hidden nor under a
     hidden or __MACOSX folder."""
-    parts = relative.split("/")
-    return not any(part.startswith(".") or part == "__MACOSX" for part in parts) and is_image_name(parts[-1])
+    return not is_hidden(relative) and is_image_name(relative.rsplit("/", 1)[-1])
 
 
-def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tuple[list[Candidate], int]:
-    """Labelled candidates under `folder` and the number of files skipped (hidden, not images or unlabelled).
+def folder_candidates(
+    folder: Path, preset: dict[str, Any] | None = None, archive: str | None = None
+) -> tuple[list[Candidate], int, list[dict[str, str]]]:
+    """Labelled candidates under `folder`, the number of files skipped (hidden, not images or unlabelled)
+    and the files quarantined (symbolic links leading outside `folder`, broken links). `archive`: the
+    archive (path or URL) `folder` was extracted from, which messages name instead of the extraction cache.
 
     Class folders may sit inside split folders (train/, val/ or valid/ or validation/, test/): the split
     is kept as each candidate's `source_split`.
@@ -40,10 +48,11 @@ def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tup
     excluded = set(preset.get("exclude_classes", []))
     root = dataset_root(folder)
     splits = _split_folders(root) if label_from == "folder" else {}
-    candidates, skipped = [], 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    candidates, quarantined, skipped = [], [], 0
+    for path, problem in _walk(root, folder):
         relative = path.relative_to(root)
-        if not is_source_image(relative.as_posix()):
+        posix = relative.as_posix()
+        if is_hidden(posix) or (not problem and not is_source_image(posix)):
             skipped += 1
             continue
         source_split = splits.get(relative.parts[0], "")
@@ -51,17 +60,60 @@ def folder_candidates(folder: Path, preset: dict[str, Any] | None = None) -> tup
         if label is None or label in excluded:
             skipped += 1
             continue
+        if problem:
+            quarantined.append({"origin": str(path), "label": label, "reason": problem})
+            continue
+        if label_problem(label):
+            raise DownloadError(f"{path.parent}: {label_problem(label)}. Rename that class folder.")
         candidates.append(Candidate(label=label, name=path.name, origin=str(path), path=path, source_split=source_split))
     if not candidates:
+        shown = archive or folder
         if root != folder and any(is_candidate_image(p) for p in root.iterdir() if p.is_file()):
-            raise DownloadError(f"{folder}: {one_class(root.name)}")  # the wrapper folders led into a class
+            raise DownloadError(f"{shown}: {one_class(root.name)}")  # the wrapper folders led into a class
+        example = "cat/1.jpg inside it" if archive else folder / "cat" / "1.jpg"
         raise DownloadError(
-            f"{folder}: no labelled images found. Expected class sub-folders of images "
-            f"(e.g. {folder / 'cat' / '1.jpg'}), an archive, or IDX files."
+            f"{shown}: no labelled images found{' in the archive' if archive else ''}. Expected class "
+            f"sub-folders of images (e.g. {example}), an archive, or IDX files."
         )
     if splits:
         _check_train_holds_every_class(root, splits, candidates)
-    return candidates, skipped
+    return candidates, skipped, quarantined
+
+
+def _walk(root: Path, source: Path) -> list[tuple[Path, str]]:
+    """Every file under `root`, sorted, with why it cannot be used ('' when it can).
+
+    Symbolic links are followed while they stay inside `source`, the same rule `download.labels` applies:
+    a file link leading outside is quarantined, a folder link leading outside stops the run naming it
+    (a whole class would go missing otherwise).
+    """
+    inside = source.resolve()
+    found: list[tuple[Path, str]] = []
+
+    def visit(directory: Path, ancestors: frozenset[Path]) -> None:
+        if directory.resolve() in ancestors:
+            return  # a link back up the tree
+        ancestors |= {directory.resolve()}
+        for entry in sorted(directory.iterdir()):
+            target = entry.resolve()
+            if entry.is_symlink() and not entry.exists():
+                found.append((entry, f"broken symbolic link to {target}"))
+            elif entry.is_symlink() and not target.is_relative_to(inside):
+                if entry.is_dir() and not entry.name.startswith((".", "__MACOSX")):
+                    raise DownloadError(
+                        f"{entry}: a symbolic link to the folder {target}, outside the source {source}. Links "
+                        f"are followed only inside the source: copy that folder into {source}, or point "
+                        "download.source at a folder that holds the images themselves."
+                    )
+                if entry.is_file():
+                    found.append((entry, f"symbolic link to {target} leads outside the source folder {source}"))
+            elif entry.is_dir():
+                visit(entry, ancestors)
+            elif entry.is_file():
+                found.append((entry, ""))
+
+    visit(root, frozenset())
+    return found
 
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

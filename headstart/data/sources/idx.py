@@ -57,6 +57,7 @@ def idx_candidates(
     pool: dict[int, list[tuple[str, np.ndarray, str, int]]] = defaultdict(list)
     for prefix, split in pairs:
         images_file, labels_file = find_idx(folder, prefix, "images"), find_idx(folder, prefix, "labels")
+        assert images_file is not None  # pairs holds only the prefixes whose images were found
         if labels_file is None:
             raise DownloadError(f"{folder}: {images_file.name} has no matching {prefix}-labels-idx1-ubyte file")
         images, labels = read_idx(images_file), read_idx(labels_file)

@@ -8,18 +8,17 @@ images the file does not list are left out.
 from __future__ import annotations
 
 import csv
-import re
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.data.images import is_candidate_image
-from headstart.data.sources.candidates import Candidate, DownloadError
+from headstart.data.sources.candidates import Candidate, DownloadError, label_problem
 from headstart.data.sources.folders import SPLIT_FOLDERS, dataset_root
 
 EXPECTED = ("Expected a CSV file (tab-separated when named .tsv or .tab) whose header row names the columns "
             "path and label, and optionally split (train, val or test).")
-_NOT_A_FOLDER_NAME = re.compile(r"[/\\\x00-\x1f]|^\.\.?$")
 
 
 @dataclass
@@ -80,10 +79,9 @@ def _locate(text: str, bases: list[Path]) -> tuple[Path | None, str]:
 
 def _label_problem(values: dict[str, str]) -> str:
     label, split = values.get("label", ""), values.get("split", "")
-    if not label:
-        return "empty label"
-    if _NOT_A_FOLDER_NAME.search(label):
-        return f"label {label!r} cannot be a folder name (no / or \\, not . or ..)"
+    problem = label_problem(label)
+    if problem:
+        return problem
     if split and split.lower() not in SPLIT_FOLDERS:
         return f"split {split!r} is not train, val (valid, validation) or test, nor empty"
     return ""
@@ -95,18 +93,19 @@ def labelled_images(labels_file: Path, source: Path) -> LabelledImages:
     quarantined: list[dict[str, str]] = []
     named: set[Path] = set()
     listed: dict[Path, list[tuple[int, dict[str, str]]]] = defaultdict(list)
-    for line, values in _read_rows(labels_file):
+    rows = _read_rows(labels_file)
+    for line, values in rows:
         target, problem = _locate(values["path"], bases) if values.get("path") else (None, "empty path")
         if target is not None:
             named.add(target)
             problem = _label_problem(values)
-        if problem:
+        if problem or target is None:
             quarantined.append(_quarantine(labels_file, line, values, problem))
         else:
             listed[target].append((line, values))
     candidates = []
     for target, rows in listed.items():
-        meanings = {(v["label"], SPLIT_FOLDERS.get(v.get("split", "").lower(), "")) for _, v in rows}
+        meanings = {(unicodedata.normalize("NFC", v["label"]), SPLIT_FOLDERS.get(v.get("split", "").lower(), "")) for _, v in rows}
         if len(meanings) > 1:
             lines = ", ".join(str(line) for line, _ in rows)
             spelled = ", ".join(sorted(f"{label} ({split})" if split else label for label, split in meanings))
@@ -116,6 +115,13 @@ def labelled_images(labels_file: Path, source: Path) -> LabelledImages:
             continue
         (label, split), = meanings
         candidates.append(Candidate(label=label, name=target.name, origin=str(target), path=target, source_split=split))
+    if not candidates:
+        reasons = "; ".join(f"{q['origin'].removeprefix(f'{labels_file} ')}: {q['reason']}" for q in quarantined[:3])
+        raise DownloadError(
+            f"{labels_file}: none of its {len(rows)} rows can be used"
+            + (f" ({reasons}{'; ...' if len(quarantined) > 3 else ''})" if reasons else "")
+            + f". {EXPECTED} Paths are relative to the source {source}."
+        )
     images = {p.resolve() for p in source.rglob("*") if p.is_file() and is_candidate_image(p)}
     return LabelledImages(candidates, quarantined, len(images - named))
 

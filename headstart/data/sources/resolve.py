@@ -16,10 +16,7 @@ from headstart.data.sources.presets import load_presets
 from headstart.files import sha256_file
 from headstart.layout import Layout
 from headstart.params import DownloadParams
-
-
-def _is_url(source: str) -> bool:
-    return "://" in source
+from headstart.web import is_url
 
 
 @dataclass
@@ -35,17 +32,23 @@ class Resolved:
     unlisted: int = 0
 
 
-def source_kind(source: str, presets: dict[str, dict[str, Any]]) -> str:
+def source_kind(source: str, presets: dict[str, dict[str, Any]], layout: Layout) -> str:
     """What `download.source` names: preset, url, archive, idx (a folder of IDX files) or folder."""
+    if not source.strip():
+        raise DownloadError(
+            "download.source is empty: set it to a preset name, a folder of class sub-folders, an archive or "
+            f"an http(s) URL. Presets: {', '.join(sorted(presets))}"
+        )
     if source in presets:
         return "preset"
-    if _is_url(source):
+    if is_url(source):
         return "url"
     path = Path(source).expanduser()
     if not path.exists():
         raise DownloadError(
             f"download.source {source!r}: no such preset, folder or file. Presets: {', '.join(sorted(presets))}"
         )
+    _check_outside_project(source, path, layout)
     if path.is_file():
         if archive_format(path) is None:
             raise DownloadError(f"download.source {source!r}: a file must be a zip or tar archive "
@@ -58,7 +61,7 @@ def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | 
     """Candidates for `download.source`; `per_class` is the effective download.max_images_per_class."""
     presets = load_presets()
     source = params.source
-    kind = source_kind(source, presets)
+    kind = source_kind(source, presets, layout)
     if params.labels is not None and kind in ("preset", "idx"):
         raise DownloadError(
             f"download.labels={params.labels!r} labels a folder or archive source, but download.source "
@@ -76,20 +79,33 @@ def resolve_candidates(params: DownloadParams, layout: Layout, per_class: int | 
     if kind == "archive":
         if params.sha256 and sha256_file(path) != params.sha256:
             raise DownloadError(f"{path}: sha256 does not match download.sha256={params.sha256}")
-        return _labelled(_extract(path, {}, params, layout), {}, params, layout)
+        return _labelled(_extract(path, {}, params, layout), {}, params, layout, archive=str(path))
     if kind == "idx":
         return Resolved(*idx_candidates(path, None, per_class, params.sample_seed))
     return _labelled(path, {}, params, layout)
+
+
+def _check_outside_project(source: str, path: Path, layout: Layout) -> None:
+    """A source that is or holds the project would read the pipeline's own outputs as classes."""
+    project = layout.root.resolve()
+    if path.is_dir() and project.is_relative_to(path.resolve()):
+        what = "the project folder" if path.resolve() == project else "a folder holding the project folder"
+        raise DownloadError(
+            f"download.source {source!r} is {what} {project}, whose data/, models/ and reports/ would be read "
+            "as classes: point it at the folder of your images"
+        )
 
 
 def _is_idx(path: Path) -> bool:
     return path.is_dir() and bool(find_idx(path, "train", "images") or find_idx(path, "t10k", "images"))
 
 
-def _labelled(folder: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Resolved:
-    """Labels from download.labels when set, else from the class folders."""
+def _labelled(folder: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout,
+              archive: str | None = None) -> Resolved:
+    """Labels from download.labels when set, else from the class folders (of `archive`, when extracted)."""
     if params.labels is None:
-        return Resolved(*folder_candidates(folder, preset))
+        candidates, skipped, quarantined = folder_candidates(folder, preset, archive)
+        return Resolved(candidates, skipped, quarantined=quarantined)
     found = labelled_images(find_labels_file(params.labels, layout.root, folder), folder)
     return Resolved(found.candidates, quarantined=found.quarantined, unlisted=found.unlisted)
 
@@ -123,11 +139,11 @@ def _url_candidates(
         ) from None
     if not trusted:
         pin_first_use(archive)
-    return _labelled(folder, preset, params, layout)
+    return _labelled(folder, preset, params, layout, archive=url)
 
 
 def _extract(archive: Path, preset: dict[str, Any], params: DownloadParams, layout: Layout) -> Path:
-    root = extract_root(layout)
+    root = layout.extract_dir
     folder = safe_extract(archive, root / sha256_file(archive)[:16], params.max_archive_bytes,
                           params.max_archive_members)
     inner = preset.get("inner_archive")
@@ -135,7 +151,3 @@ def _extract(archive: Path, preset: dict[str, Any], params: DownloadParams, layo
         folder = safe_extract(folder / inner, root / f"{sha256_file(folder / inner)[:16]}",
                               params.max_archive_bytes, params.max_archive_members)
     return folder
-
-
-def extract_root(layout: Layout) -> Path:
-    return layout.root / "data" / "cache" / "extract"
