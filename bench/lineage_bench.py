@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from datasets import FASHION_CLASSES, FASHION_DIR, read_idx
 from docs_section import write_section
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -33,7 +34,6 @@ from headstart import hash_cache
 from headstart.layout import Layout
 from headstart.params import load_params
 from tasks import fingerprint
-from tests.conftest import FASHION_CLASSES, FASHION_DIR, read_idx
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -19,11 +19,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from PIL import Image
 
 from flows.pipeline import ARTIFACT_KEY
 from headstart.layout import Layout
 from headstart.params import STAGES, load_params
-from tests.conftest import REPO_ROOT, write_class_folders
+from tests.conftest import FASHION_CLASSES, REPO_ROOT, write_class_folders
 from tests.test_flows import TINY
 
 pytestmark = pytest.mark.slow
@@ -138,24 +139,47 @@ def test_deploy_run_and_schedule(server: Server, tmp_path: Path, fashion_arrays)
 
     quick = server.call("GET", "/deployments/name/headstart-pipeline/quick")
     overrides = {**quick["parameters"]["overrides"], **TINY, "download.source": str(images)}
-    run = server.call("POST", f"/deployments/{quick['id']}/create_flow_run",
-                      {"parameters": {"overrides": overrides, "root": str(root)}})
 
-    def finished() -> dict[str, Any] | None:
-        assert worker.poll() is None, f"worker exited:\n{server.log_tail('worker')}"
-        state = server.call("GET", f"/flow_runs/{run['id']}")["state"]
-        return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+    def deployment_run() -> str:
+        """One run of the quick deployment to completion; its run report (the flow's artifact)."""
+        run = server.call("POST", f"/deployments/{quick['id']}/create_flow_run",
+                          {"parameters": {"overrides": overrides, "root": str(root)}})
 
-    state = _wait("the deployment run", finished, timeout=300, every=2)
-    assert state["type"] == "COMPLETED", f"{state}\n{server.log_tail('worker')}"
+        def finished() -> dict[str, Any] | None:
+            assert worker.poll() is None, f"worker exited:\n{server.log_tail('worker')}"
+            state = server.call("GET", f"/flow_runs/{run['id']}")["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
+        state = _wait("the deployment run", finished, timeout=300, every=2)
+        assert state["type"] == "COMPLETED", f"{state}\n{server.log_tail('worker')}"
+        artifacts = server.call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+        [report] = [a for a in artifacts if a["key"] == ARTIFACT_KEY]
+        return report["data"]
+
+    report = deployment_run()
     layout = Layout(root)
     assert (layout.export_dir / "model.keras").exists()
     accuracy = json.loads(layout.metrics_file.read_text())["test"]["accuracy"]
-    artifacts = server.call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
-    [report] = [a for a in artifacts if a["key"] == ARTIFACT_KEY]
-    assert all(re.search(rf"^\| {stage} +\| ran +\|", report["data"], re.MULTILINE) for stage in STAGES)
-    assert re.search(rf"^\| test\.accuracy +\| {accuracy:.4f} +\|", report["data"], re.MULTILINE)
+    assert all(re.search(rf"^\| {stage} +\| ran +\|", report, re.MULTILINE) for stage in STAGES)
+    assert re.search(rf"^\| test\.accuracy +\| {accuracy:.4f} +\|", report, re.MULTILINE)
+    assert json.loads(layout.promotion_json.read_text())["outcome"] == "promoted"
+    assert "No champion yet" in report
+
+    # the folder grows by three images of one class: the next run of the same deployment retrains on them
+    # and the gate decides against the champion, re-scored on today's test split
+    grown = images / FASHION_CLASSES[0]
+    extra = pictures[labels == 0][12:15]
+    for n, picture in enumerate(extra):
+        Image.fromarray(picture).save(grown / f"added-{n}.png")
+    report = deployment_run()
+    assert re.search(r"^\| download +\| ran +\|", report, re.MULTILINE), report
+    assert re.search(r"^\| promote +\| ran +\|", report, re.MULTILINE), report
+    diff = json.loads(layout.data_diff_json.read_text())
+    assert diff["baseline"] == "v1" and diff["totals"]["added"] == 3 and diff["totals"]["removed"] == 0
+    assert diff["per_class"][FASHION_CLASSES[0]]["added"] == 3
+    decision = json.loads(layout.promotion_json.read_text())
+    assert decision["outcome"] in ("promoted", "kept"), decision
+    assert "3 added, 0 removed" in report and "## Promotion gate" in report
 
     nightly = server.call("GET", "/deployments/name/headstart-pipeline/nightly")
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
