@@ -32,8 +32,8 @@ GROWN = 1010
 
 
 def reproduce(repo: Path, label: str, full: float | None) -> dict[str, object]:
-    log = repo / f"{label}.log"
-    seconds = sh(repo, "bash", "-c", f"dvc repro > {log.name} 2>&1")
+    log = repo / (re.sub(r"\W+", "-", label).strip("-") + ".log")
+    seconds = sh(repo, "bash", "-c", f"dvc repro > '{log.name}' 2>&1")
     text = log.read_text(errors="replace")
     ran = re.findall(r"Running stage '([^']+)'", text)
     computed = re.findall(r"features: {\"computed\": (\d+)", text)
