@@ -150,7 +150,7 @@ def test_deploy_run_and_schedule(server: Server, tmp_path: Path, fashion_arrays)
             state = server.call("GET", f"/flow_runs/{run['id']}")["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-        state = _wait("the deployment run", finished, timeout=300, every=2)
+        state = _wait("the deployment run", finished, timeout=600, every=2)
         assert state["type"] == "COMPLETED", f"{state}\n{server.log_tail('worker')}"
         artifacts = server.call("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
         [report] = [a for a in artifacts if a["key"] == ARTIFACT_KEY]
