@@ -19,7 +19,6 @@ Each builder writes `root/<class>/<n>.png` once and returns the folder. `SETTING
 
 from __future__ import annotations
 
-import gzip
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,17 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from headstart.data.sources.idx import read_idx
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip) as a numpy array: the format Fashion-MNIST ships in."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def write_folders(root: Path, images: np.ndarray, labels: list[str], scale: int = 1) -> Path:

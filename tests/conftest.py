@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from headstart.data.sources.idx import read_idx  # noqa: F401 - tests read Fashion-MNIST through it
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -17,14 +18,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DARKNET_PHOTOS = Path("/usr/share/darknet/data")
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 @pytest.fixture(scope="session")
