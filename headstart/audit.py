@@ -1,51 +1,50 @@
-"""Data audits on the cached features: near-duplicates across splits, and likely mislabelled train images.
+"""Data audits: near-duplicates across splits, and likely mislabelled train images.
 
-Both work on the pooled backbone vectors the features stage cached, so they cost seconds, not a
-backbone pass, and do not depend on fine-tuning.
-
-- Near-duplicates: a val/test image whose feature vector has cosine similarity >= a threshold with
-  a train image is almost surely a resized or re-encoded copy of it (download only removes
-  byte-identical files), so its score measures memory, not generalisation.
+- Near-duplicates: a val/test image that is a resized, re-encoded, lightly cropped or brightened copy
+  of a train image (download only removes byte-identical files) measures memory, not generalisation.
+  Each image is compared in pixel space, as a small grayscale copy (normalised correlation, so
+  brightness and contrast shifts do not matter). What counts as "nearly identical" depends on the
+  dataset: two different MNIST digits or two parts under one camera correlate at 0.98, two photos
+  far less. So the threshold is set by the dataset's own neighbours: a pair must be at most
+  `audit.near_duplicate_margin` of the distance from identical at which different train images sit
+  (the `near_duplicate_percentile` of each train image's second-nearest train neighbour).
 - Suspect labels: each train image is scored by a head that never saw it (stratified k-fold
-  out-of-fold probabilities). fastai's `ImageClassifierCleaner` ranks by in-sample loss, which a
-  model that memorised a wrong label drives towards zero; out-of-fold probabilities are the honest
-  version (the confident-learning idea of Northcutt et al.).
+  out-of-fold probabilities, on the cached features). fastai's `ImageClassifierCleaner` ranks by
+  in-sample loss, which a model that memorised a wrong label drives towards zero; out-of-fold
+  probabilities are the honest version (the confident-learning idea of Northcutt et al.).
 
-Measured on the default run (Fashion-MNIST, 1,000 per class, MobileNetV2 at 96 px; 7,000 train, 1,500 val,
-1,500 test): copies of 200 test images score 0.983 (JPEG q90), 0.974 (2x upscale) median cosine with their
-originals, 85% and 79% of them >= 0.96; JPEG q75 or downscaled copies of 28-px images drift further (23%,
-5%). The nearest train neighbour of a test image: median 0.877, 99th percentile 0.963, so 0.96 flags ~1.5%
-of val/test (look-alike products, mostly trousers and plain tops). 20 labels flipped at random ranked
-1-56 and 140 of 7,000 by out-of-fold probability at 10 epochs per fold; 5 or 40 epochs found as many in the
-top 100 (18, 19; Spearman 0.94 between the rankings), so 10 (train_head's early stop) is the default.
+The recall of planted copies, the false alarms and the ranks of planted label flips on five datasets
+are in docs/benchmarks.md ("Trust checks on five datasets", bench/audit_bench.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from PIL import Image
 from sklearn.model_selection import StratifiedKFold
 
 from headstart.data.artifacts import class_weights
 from headstart.data.images import load_rgb
-from headstart.model import build_head
-from headstart.optimizers import head_optimizer
-from headstart.params import TrainHeadParams
+from headstart.model import compiled_head, head_batches
+from headstart.params import AuditParams, TrainHeadParams
 from headstart.reporting import image_grid, save_figure
 from headstart.runtime import seed_everything
 
 log = logging.getLogger(__name__)
 
-LEAKAGE_COLUMNS = ["split", "path", "label", "train_path", "train_label", "similarity"]
+LEAKAGE_COLUMNS = ["split", "path", "label", "train_path", "train_label", "pixel_similarity", "feature_similarity"]
 SUSPECT_COLUMNS = ["rank", "path", "label", "p_label", "predicted", "p_predicted"]
 BLOCK_ELEMENTS = 16 * 2**20  # similarity entries per chunk: 64 MB of float32, whatever the train size
+THUMBNAIL = 24  # side of the grayscale copies compared in pixel space
+TRIM = 0.05  # each image is also compared with 5% trimmed off every border: a lightly cropped copy lines up
+REFERENCE_SAMPLE = 4000  # train images whose neighbours set the dataset's reference similarity
 
 
 def _unit_rows(features: np.ndarray) -> np.ndarray:
@@ -53,17 +52,68 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(norms, 1e-12)
 
 
-def near_duplicate_pairs(queries: np.ndarray, train: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Every (query row, train row, cosine similarity) at or above `threshold`, and each query's best similarity.
+def pixel_signatures(paths: list[Path]) -> np.ndarray:
+    """(2, N, THUMBNAIL**2): each image as a zero-mean unit vector of a THUMBNAIL-px grayscale copy, whole
+    and with TRIM cut off each border, so a dot product is their normalised correlation.
 
-    The similarity matrix is computed `BLOCK_ELEMENTS // len(train)` query rows at a time, so memory
-    stays bounded (10k x 60k is 2.4 GB as one float32 matrix).
+    Images are decoded as training decodes them (upright, JPEG draft) and reduced with Lanczos, whose
+    low-pass makes a 2x upscale and its original agree; normalised correlation ignores brightness and
+    contrast shifts.
     """
-    train_unit = _unit_rows(train)
-    chunk = max(1, BLOCK_ELEMENTS // max(1, len(train)))
-    pairs, nearest = [], np.full(len(queries), np.nan, dtype=np.float32)
-    for start in range(0, len(queries), chunk):
-        block = _unit_rows(queries[start:start + chunk]) @ train_unit.T
+    out = np.empty((2, len(paths), THUMBNAIL * THUMBNAIL), dtype=np.float32)
+    for i, path in enumerate(paths):
+        gray = Image.fromarray(load_rgb(path, target_size=4 * THUMBNAIL)).convert("L")
+        w, h = gray.size
+        for t, trim in enumerate((0.0, TRIM)):
+            box = (round(trim * w), round(trim * h), w - round(trim * w), h - round(trim * h))
+            out[t, i] = np.asarray(gray.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS, box=box),
+                                   dtype=np.float32).ravel()
+    out -= out.mean(axis=2, keepdims=True)
+    out /= np.maximum(np.linalg.norm(out, axis=2, keepdims=True), 1e-6)
+    return out
+
+
+def _pixel_block(queries: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Pixel similarity of every (query, train) pair: the best of whole-whole, whole-trimmed, trimmed-whole."""
+    return np.maximum.reduce([queries[0] @ train[0].T, queries[0] @ train[1].T, queries[1] @ train[0].T])
+
+
+def _blocks(queries: np.ndarray, train: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, pixel similarity block) over the queries, `BLOCK_ELEMENTS // len(train)` rows at a time, so memory
+    stays bounded (10k x 60k is 2.4 GB as one float32 matrix)."""
+    chunk = max(1, BLOCK_ELEMENTS // max(1, train.shape[1]))
+    for start in range(0, queries.shape[1], chunk):
+        yield start, _pixel_block(queries[:, start:start + chunk], train)
+
+
+def reference_similarity(train: np.ndarray, percentile: float, seed: int) -> float:
+    """The `percentile` of train images' second-nearest pixel similarity to other train images.
+
+    It says how alike two different images of this dataset can be: look-alike digits or one product
+    under one camera reach 0.98, varied photos far less. The second neighbour, not the first, so that
+    copies inside train (a copy and its original are each other's first neighbour) do not raise it.
+    """
+    n = train.shape[1]
+    if n < 3:
+        return float("nan")
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, REFERENCE_SAMPLE), replace=False))
+    second = []
+    for start, block in _blocks(train[:, rows], train):
+        block[np.arange(len(block)), rows[start:start + len(block)]] = -np.inf  # not itself
+        second.append(np.partition(block, -2, axis=1)[:, -2])
+    return float(np.percentile(np.concatenate(second), percentile))
+
+
+def near_duplicate_threshold(reference: float, margin: float, floor: float) -> float:
+    """The pixel similarity a pair needs: its distance to identical (1 - similarity) at most `margin` times the
+    reference's, and at least `floor` (NaN reference, from under 3 train images: the floor alone)."""
+    return floor if np.isnan(reference) else max(floor, 1 - margin * (1 - reference))
+
+
+def near_duplicate_pairs(queries: np.ndarray, train: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every (query row, train row, pixel similarity) at or above `threshold`, and each query's best similarity."""
+    pairs, nearest = [], np.full(queries.shape[1], np.nan, dtype=np.float32)
+    for start, block in _blocks(queries, train):
         if not block.size:
             continue
         nearest[start:start + len(block)] = block.max(axis=1)
@@ -83,36 +133,55 @@ class SplitRows:
     paths: np.ndarray
 
 
-def leakage_table(queries: list[SplitRows], train: SplitRows, classes: list[str], threshold: float) -> pd.DataFrame:
-    """The near-duplicate pairs of every query split against train, most similar first."""
+@dataclass(frozen=True)
+class Leakage:
+    """The near-duplicate pairs and the dataset-adapted threshold that found them."""
+
+    table: pd.DataFrame
+    reference: float
+    threshold: float
+
+
+def leakage_table(queries: list[SplitRows], train: SplitRows, classes: list[str], root: Path, p: AuditParams
+                  ) -> Leakage:
+    """The near-duplicate pairs of every query split against train, most similar first.
+
+    A pair counts when its pixel similarity stands out from the dataset's own neighbour similarities
+    (`near_duplicate_threshold`): pooled ImageNet features put every image of a look-alike dataset
+    close together, and a JPEG re-encode of a 28-px digit further from its original (0.79) than two
+    different digits usually are (0.93), so features alone can neither find nor rule out a copy. The
+    feature cosine of each pair is reported beside it.
+    """
+    signatures = {split.name: pixel_signatures([root / path for path in split.paths]) for split in [train, *queries]}
+    reference = reference_similarity(signatures[train.name], p.near_duplicate_percentile, p.seed)
+    threshold = near_duplicate_threshold(reference, p.near_duplicate_margin, p.near_duplicate_min_similarity)
+    train_unit = _unit_rows(train.features)
     frames = []
     for split in queries:
-        pairs, nearest = near_duplicate_pairs(split.features, train.features, threshold)
+        pairs, nearest = near_duplicate_pairs(signatures[split.name], signatures[train.name], threshold)
         q, t = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
         if len(nearest):
-            log.info("audit: %s: %d pair(s) >= %.3f; nearest-train similarity median %.3f, max %.3f", split.name,
-                     len(pairs), threshold, float(np.median(nearest)), float(nearest.max()))
+            log.info("audit: %s: %d pair(s) >= %.4f; nearest-train pixel similarity median %.3f, max %.3f",
+                     split.name, len(pairs), threshold, float(np.median(nearest)), float(nearest.max()))
+        cosine = np.einsum("ij,ij->i", _unit_rows(split.features[q]), train_unit[t])
         frames.append(pd.DataFrame({
             "split": split.name, "path": split.paths[q], "label": [classes[i] for i in split.labels[q]],
             "train_path": train.paths[t], "train_label": [classes[i] for i in train.labels[t]],
-            "similarity": pairs[:, 2].round(6),
+            "pixel_similarity": pairs[:, 2].round(6), "feature_similarity": cosine.round(6),
         }, columns=LEAKAGE_COLUMNS))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LEAKAGE_COLUMNS)
-    return table.sort_values(["similarity", "split", "path", "train_path"], ascending=[False, True, True, True],
-                             kind="stable", ignore_index=True)
+    table = table.sort_values(["pixel_similarity", "split", "path", "train_path"], ascending=[False, True, True, True],
+                              kind="stable", ignore_index=True)
+    return Leakage(table, reference, threshold)
 
 
 def _fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_out: np.ndarray, num_classes: int, p: TrainHeadParams,
                  epochs: int, weights: dict[int, float] | None) -> np.ndarray:
-    """train_head's head and optimiser, trained on one fold's complement for `epochs`; held-out probabilities."""
-    eye = np.eye(num_classes, dtype=np.float32)
-    fit_ds = (tf.data.Dataset.from_tensor_slices((x_fit, eye[y_fit]))
-              .shuffle(len(y_fit), seed=p.seed, reshuffle_each_iteration=True).batch(p.batch_size))
+    """train_head's head recipe, trained on one fold's complement for `epochs`; held-out probabilities."""
     fold_params = p.model_copy(update={"epochs": epochs})  # a cosine schedule decays over these epochs
-    head = build_head(x_fit.shape[1], num_classes, fold_params)
-    head.compile(optimizer=head_optimizer(fold_params, math.ceil(len(y_fit) / p.batch_size)),
-                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing))
-    head.fit(fit_ds, epochs=epochs, class_weight=weights, verbose=0, shuffle=False)
+    head = compiled_head(x_fit.shape[1], num_classes, fold_params, len(y_fit))
+    head.fit(head_batches(x_fit, y_fit, num_classes, fold_params), epochs=epochs, class_weight=weights, verbose=0,
+             shuffle=False)
     # a tf.data input, as in train_head: Keras' NumPy adapter logs a spurious error under op determinism
     return head.predict(tf.data.Dataset.from_tensor_slices(x_out).batch(1024), verbose=0)
 
@@ -171,7 +240,8 @@ def plot_leakage(pairs: pd.DataFrame, root: Path, target: Path) -> None:
     for i, row in enumerate(pairs.itertuples()):
         left, right = axes.flat[2 * i], axes.flat[2 * i + 1]
         left.imshow(load_rgb(root / row.path))
-        left.set_title(f"{row.split}: {row.label}\nsim {row.similarity:.3f}", fontsize=8)
+        left.set_title(f"{row.split}: {row.label}\npixel {row.pixel_similarity:.3f}, "
+                       f"feature {row.feature_similarity:.3f}", fontsize=8)
         right.imshow(load_rgb(root / row.train_path))
         right.set_title(f"train: {row.train_label}\n{Path(row.train_path).name}", fontsize=8)
     if pairs.empty:

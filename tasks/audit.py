@@ -51,8 +51,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     train = splits["train"]
 
     started = time.perf_counter()
-    leakage = leakage_table([splits["val"], splits["test"]], train, info.classes, p.near_duplicate_threshold)
-    leakage_seconds = time.perf_counter() - started
+    found = leakage_table([splits["val"], splits["test"]], train, info.classes, layout.root, p)
+    leakage, leakage_seconds = found.table, time.perf_counter() - started
 
     started = time.perf_counter()
     probs, folds = out_of_fold_probabilities(train.features, train.labels, info.classes, params.train_head,
@@ -70,7 +70,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     images = leakage.drop_duplicates(["split", "path"])["split"].value_counts()
     metrics = {
         "near_duplicates": {
-            "threshold": p.near_duplicate_threshold,
+            "reference": found.reference,  # the dataset's own neighbour similarity (params' percentile)
+            "threshold": found.threshold,  # the pixel similarity a pair needed
             "count": int(images.sum()),  # val/test images with at least one train near-duplicate
             "pairs": len(leakage),
             **{split: int(images.get(split, 0)) for split in ("val", "test")},
