@@ -4,10 +4,10 @@
   of a train image (download only removes byte-identical files) measures memory, not generalisation.
   Each image is compared in pixel space, as a small grayscale copy (normalised correlation, so
   brightness and contrast shifts do not matter). What counts as "nearly identical" depends on the
-  dataset: two different MNIST digits or two parts under one camera correlate at 0.98, two photos
+  dataset: two different handwritten 1s or two parts under one camera correlate at 0.98, two photos
   far less. So the threshold is set by the dataset's own neighbours: a pair must be at most
-  `audit.near_duplicate_margin` of the distance from identical at which different train images sit
-  (the `near_duplicate_percentile` of each train image's second-nearest train neighbour).
+  `audit.near_duplicate_margin` of the distance from identical at which different train images of
+  the train image's class sit (the `near_duplicate_percentile` of their second-nearest neighbour's).
 - Suspect labels: each train image is scored by a head that never saw it (stratified k-fold
   out-of-fold probabilities, on the cached features). fastai's `ImageClassifierCleaner` ranks by
   in-sample loss, which a model that memorised a wrong label drives towards zero; out-of-fold
@@ -44,6 +44,7 @@ SUSPECT_COLUMNS = ["rank", "path", "label", "p_label", "predicted", "p_predicted
 BLOCK_ELEMENTS = 16 * 2**20  # similarity entries per chunk: 64 MB of float32, whatever the train size
 THUMBNAIL = 24  # side of the grayscale copies compared in pixel space
 TRIM = 0.05  # each image is also compared with 5% trimmed off every border: a lightly cropped copy lines up
+CONTRAST_RATIO = 1.5  # a pair whose gray-level spreads differ more than this is not a copy
 REFERENCE_SAMPLE = 4000  # train images whose neighbours set the dataset's reference similarity
 
 
@@ -52,9 +53,17 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(norms, 1e-12)
 
 
-def pixel_signatures(paths: list[Path]) -> np.ndarray:
-    """(2, N, THUMBNAIL**2): each image as a zero-mean unit vector of a THUMBNAIL-px grayscale copy, whole
-    and with TRIM cut off each border, so a dot product is their normalised correlation.
+@dataclass(frozen=True)
+class Thumbnails:
+    """Small grayscale copies of N images, as compared in pixel space."""
+
+    vectors: np.ndarray  # (2, N, THUMBNAIL**2) zero-mean unit vectors: whole image, then TRIM cut off each border
+    contrast: np.ndarray  # (N,) standard deviation of the whole copy's gray levels
+
+
+def pixel_signatures(paths: list[Path]) -> Thumbnails:
+    """Each image as a zero-mean unit vector of a THUMBNAIL-px grayscale copy, whole and with TRIM cut off
+    each border, so a dot product is their normalised correlation; and its contrast.
 
     Images are decoded as training decodes them (upright, JPEG draft) and reduced with Lanczos, whose
     low-pass makes a 2x upscale and its original agree; normalised correlation ignores brightness and
@@ -69,8 +78,9 @@ def pixel_signatures(paths: list[Path]) -> np.ndarray:
             out[t, i] = np.asarray(gray.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS, box=box),
                                    dtype=np.float32).ravel()
     out -= out.mean(axis=2, keepdims=True)
-    out /= np.maximum(np.linalg.norm(out, axis=2, keepdims=True), 1e-6)
-    return out
+    norms = np.linalg.norm(out, axis=2, keepdims=True)
+    out /= np.maximum(norms, 1e-6)
+    return Thumbnails(out, norms[0, :, 0] / THUMBNAIL)
 
 
 def _pixel_block(queries: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -86,38 +96,58 @@ def _blocks(queries: np.ndarray, train: np.ndarray) -> Iterator[tuple[int, np.nd
         yield start, _pixel_block(queries[:, start:start + chunk], train)
 
 
-def reference_similarity(train: np.ndarray, percentile: float, seed: int) -> float:
-    """The `percentile` of train images' second-nearest pixel similarity to other train images.
+def reference_similarity(train: np.ndarray, labels: np.ndarray, num_classes: int, percentile: float,
+                         seed: int) -> np.ndarray:
+    """(classes,) per class: the `percentile` of its train images' second-nearest pixel similarity to the other
+    train images of that class.
 
-    It says how alike two different images of this dataset can be: look-alike digits or one product
-    under one camera reach 0.98, varied photos far less. The second neighbour, not the first, so that
-    copies inside train (a copy and its original are each other's first neighbour) do not raise it.
+    It says how alike two different images of this class can be: two handwritten 1s or one product
+    under one camera reach 0.98, varied photos far less, and a look-alike class needs a higher bar
+    than the rest of its dataset. The second neighbour, not the first, so that copies inside train (a
+    copy and its original are each other's first neighbour) do not raise it, however many there are.
+    With few images per class the second neighbour is far: under about 100 train images per class
+    the reference is low and look-alikes can pass. A class with under 3 train images gets the median
+    of the others (NaN when none has 3).
     """
-    n = train.shape[1]
-    if n < 3:
-        return float("nan")
-    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, REFERENCE_SAMPLE), replace=False))
-    second = []
-    for start, block in _blocks(train[:, rows], train):
-        block[np.arange(len(block)), rows[start:start + len(block)]] = -np.inf  # not itself
-        second.append(np.partition(block, -2, axis=1)[:, -2])
-    return float(np.percentile(np.concatenate(second), percentile))
+    rng = np.random.default_rng(seed)
+    found = np.full(num_classes, np.nan)
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < 3:
+            continue
+        rows = np.sort(rng.choice(len(members), min(len(members), REFERENCE_SAMPLE), replace=False))
+        second = []
+        for start, block in _blocks(train[:, members[rows]], train[:, members]):
+            block[np.arange(len(block)), rows[start:start + len(block)]] = -np.inf  # not itself
+            second.append(np.partition(block, -2, axis=1)[:, -2])
+        found[c] = np.percentile(np.concatenate(second), percentile)
+    known = found[~np.isnan(found)]
+    return np.where(np.isnan(found), np.median(known) if len(known) else np.nan, found)
 
 
-def near_duplicate_threshold(reference: float, margin: float, floor: float) -> float:
+def near_duplicate_threshold(reference: np.ndarray, margin: float, floor: float) -> np.ndarray:
     """The pixel similarity a pair needs: its distance to identical (1 - similarity) at most `margin` times the
-    reference's, and at least `floor` (NaN reference, from under 3 train images: the floor alone)."""
-    return floor if np.isnan(reference) else max(floor, 1 - margin * (1 - reference))
+    reference's, and at least `floor` (a NaN reference, with no class of 3 train images: the floor alone)."""
+    return np.maximum(floor, np.nan_to_num(1 - margin * (1 - np.asarray(reference, dtype=np.float64)), nan=floor))
 
 
-def near_duplicate_pairs(queries: np.ndarray, train: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Every (query row, train row, pixel similarity) at or above `threshold`, and each query's best similarity."""
-    pairs, nearest = [], np.full(queries.shape[1], np.nan, dtype=np.float32)
-    for start, block in _blocks(queries, train):
+def near_duplicate_pairs(queries: Thumbnails, train: Thumbnails, threshold: float | np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Every (query row, train row, pixel similarity) at or above `threshold` (one value, or one per train row)
+    whose contrasts are within CONTRAST_RATIO of each other, and each query's best similarity.
+
+    Normalised correlation cannot tell a black-to-white edge from a black-to-gray one; a copy keeps
+    its contrast (a brightness shift of +40 levels, clipped, changes it by under 20%).
+    """
+    pairs, nearest = [], np.full(queries.vectors.shape[1], np.nan, dtype=np.float32)
+    for start, block in _blocks(queries.vectors, train.vectors):
         if not block.size:
             continue
         nearest[start:start + len(block)] = block.max(axis=1)
-        rows, cols = np.nonzero(block >= threshold)
+        rows, cols = np.nonzero(block >= np.broadcast_to(threshold, block.shape[1:]))
+        ratio = queries.contrast[rows + start] / np.maximum(train.contrast[cols], 1e-6)
+        alike = (ratio <= CONTRAST_RATIO) & (ratio >= 1 / CONTRAST_RATIO)
+        rows, cols = rows[alike], cols[alike]
         pairs.append(np.column_stack([rows + start, cols, block[rows, cols]]))
     found = np.concatenate(pairs) if pairs else np.empty((0, 3))
     return found, nearest
@@ -135,11 +165,11 @@ class SplitRows:
 
 @dataclass(frozen=True)
 class Leakage:
-    """The near-duplicate pairs and the dataset-adapted threshold that found them."""
+    """The near-duplicate pairs and, per class, the reference similarity and the threshold that found them."""
 
     table: pd.DataFrame
-    reference: float
-    threshold: float
+    reference: np.ndarray  # (classes,)
+    threshold: np.ndarray  # (classes,): the pixel similarity a pair with a train image of that class needed
 
 
 def leakage_table(queries: list[SplitRows], train: SplitRows, classes: list[str], root: Path, p: AuditParams
@@ -153,16 +183,18 @@ def leakage_table(queries: list[SplitRows], train: SplitRows, classes: list[str]
     feature cosine of each pair is reported beside it.
     """
     signatures = {split.name: pixel_signatures([root / path for path in split.paths]) for split in [train, *queries]}
-    reference = reference_similarity(signatures[train.name], p.near_duplicate_percentile, p.seed)
+    reference = reference_similarity(signatures[train.name].vectors, train.labels, len(classes),
+                                     p.near_duplicate_percentile, p.seed)
     threshold = near_duplicate_threshold(reference, p.near_duplicate_margin, p.near_duplicate_min_similarity)
     train_unit = _unit_rows(train.features)
     frames = []
     for split in queries:
-        pairs, nearest = near_duplicate_pairs(signatures[split.name], signatures[train.name], threshold)
+        pairs, nearest = near_duplicate_pairs(signatures[split.name], signatures[train.name], threshold[train.labels])
         q, t = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
         if len(nearest):
-            log.info("audit: %s: %d pair(s) >= %.4f; nearest-train pixel similarity median %.3f, max %.3f",
-                     split.name, len(pairs), threshold, float(np.median(nearest)), float(nearest.max()))
+            log.info("audit: %s: %d pair(s) at pixel similarity >= %.4f to %.4f (by class); nearest-train pixel "
+                     "similarity median %.3f, max %.3f", split.name, len(pairs), threshold.min(), threshold.max(),
+                     float(np.median(nearest)), float(nearest.max()))
         cosine = np.einsum("ij,ij->i", _unit_rows(split.features[q]), train_unit[t])
         frames.append(pd.DataFrame({
             "split": split.name, "path": split.paths[q], "label": [classes[i] for i in split.labels[q]],

@@ -189,8 +189,8 @@ class AuditParams(_Section):
     docs/benchmarks.md, "Trust checks on five datasets")."""
 
     near_duplicate_percentile: float = Field(
-        99.9, gt=0, le=100, description="Percentile of train images' second-nearest pixel similarity that sets "
-        "how alike two different images of this dataset can be (the reference)."
+        99.9, gt=0, le=100, description="Percentile of train images' second-nearest pixel similarity within "
+        "their class that sets how alike two different images of it can be (the reference)."
     )
     near_duplicate_margin: float = Field(
         0.5, gt=0, le=1, description="A val/test-train pair is a near-duplicate when its distance to identical "

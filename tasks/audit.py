@@ -70,8 +70,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     images = leakage.drop_duplicates(["split", "path"])["split"].value_counts()
     metrics = {
         "near_duplicates": {
-            "reference": found.reference,  # the dataset's own neighbour similarity (params' percentile)
-            "threshold": found.threshold,  # the pixel similarity a pair needed
+            # per class: its own neighbour similarity (params' percentile), and the pixel similarity a pair needed
+            "reference": dict(zip(info.classes, map(float, found.reference), strict=True)),
+            "threshold": dict(zip(info.classes, map(float, found.threshold), strict=True)),
             "count": int(images.sum()),  # val/test images with at least one train near-duplicate
             "pairs": len(leakage),
             **{split: int(images.get(split, 0)) for split in ("val", "test")},
