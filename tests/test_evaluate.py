@@ -18,6 +18,7 @@ from scipy.special import softmax
 from scipy.stats import binomtest
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, top_k_accuracy_score
 
+from headstart.calibration import ece_intervals
 from headstart.data.datasets import image_dataset
 from headstart.layout import Layout
 from headstart.metrics import classification_metrics
@@ -70,8 +71,9 @@ def test_metrics_match_sklearn_on_independent_predictions(tree, decision, reques
     assert k == 3
     record = metrics["calibration"]
     assert record["fitted"] and record["decision"] == decision and record["folds"] == 5
-    helped = record["heldout_log_loss_scaled"] < record["heldout_log_loss_unscaled"]
-    assert helped == (decision == "kept")
+    assert (record["heldout_gain_low"] > 0) == (decision == "kept")
+    # declined: scaling would worsen the held-out log loss, not only fail to lower it enough
+    assert (record["heldout_log_loss_scaled"] < record["heldout_log_loss_unscaled"]) == (decision == "kept")
     temperature = record["temperature"]
     if decision == "kept":
         assert temperature == record["candidate_temperature"] and temperature < 0.9
@@ -169,12 +171,17 @@ def test_intervals_around_the_final_model_scores(exported_tree):
             assert interval["low"] < interval["high"], (split, key)  # 0.9-ish accuracy on ~20 images is not certain
             assert format_interval(**interval) in text
     assert all("ci95" not in scores for scores in metrics["head"].values())  # the final model only
-    for split in ("test", "val"):  # the ECE's interval, over the same resamples
+    recomputed = _recomputed(exported_tree)
+    p = trained_params(exported_tree.root).evaluate
+    for split in ("test", "val"):  # the ECE's intervals: the bootstrap of the served probabilities' ECE
+        served = softmax(np.log(recomputed[split]["probs"].astype(np.float64)) / metrics["calibration"]["temperature"], 1)
+        expected = ece_intervals(recomputed[split]["labels"], served, p.calibration_bins, p.bootstrap_resamples,
+                                 p.bootstrap_seed)
         for key in ("ece", "ece_adaptive"):
             interval = metrics[split]["ci95"][key]
-            assert interval["low"] < metrics[split][key] < interval["high"], (split, key)
+            assert interval == pytest.approx(expected[key], abs=1e-5) and interval["low"] < interval["high"]
     report = pd.read_csv(exported_tree.reports_dir / "classification_report.csv", dtype={"class": str})
-    test = _recomputed(exported_tree)["test"]
+    test = recomputed["test"]
     predicted = softmax(np.log(test["probs"].astype(np.float64)) / metrics["calibration"]["temperature"], 1).argmax(1)
     for i, row in report.iterrows():  # Wilson score intervals from the counts, as statsmodels/scipy define them
         hits = int(((test["labels"] == i) & (predicted == i)).sum())
