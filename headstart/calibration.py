@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -54,6 +54,7 @@ class CalibrationRecord(BaseModel):
     temperature: float = Field(gt=0)
     fitted: bool
     bins: int = Field(ge=1)
+    decision: Literal["kept", "declined", "at_bound", "too_few_images", "no_val", "off"]
     reason: str
 
 
@@ -321,7 +322,8 @@ def report_lines(metrics: dict[str, Any], splits: tuple[str, ...], how: str) -> 
         "",
         f"ECE: top-label expected calibration error over {bins} equal-width confidence bins (0 = a probability "
         f"of 0.8 is right 80% of the time); equal-mass ECE: over {bins} bins of equally many images, which "
-        "a few hundred confident images cannot leave empty. After scaling: [95% bootstrap interval over the images].",
+        "a few hundred confident images cannot leave empty. After scaling: [95% bootstrap interval over the images]; "
+        "noise only adds to an ECE, so the interval sits mostly above the estimate.",
         "",
         markdown_table(pd.DataFrame(rows)),
         "",

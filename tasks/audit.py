@@ -1,7 +1,8 @@
 """audit stage: near-duplicates of train images in val/test, and likely mislabelled train images.
 
-Reads only the cached features (plus the raw images for the figures), so it runs beside
-train_head and is not rerun when fine-tuning changes. The methods are in headstart/audit.py.
+Reads the raw images (near-duplicates are compared in pixel space, at 24 px) and the cached
+features (the mislabel search), so it runs beside train_head and is not rerun when fine-tuning
+changes. The methods are in headstart/audit.py.
 Outputs: reports/leakage.csv, reports/suspect_labels.csv, reports/audit/{leakage,suspect_labels}.png
 and the counts in reports/audit.json (a DVC metrics file).
 """

@@ -112,7 +112,8 @@ def test_missing_or_bad_calibration_record_names_the_file(tmp_path):
     with pytest.raises(ArtifactError, match=r"metrics\.json: calibration: .*rerun `headstart evaluate`"):
         read_calibration(layout)
     layout.metrics_file.write_text(json.dumps({"test": {}, "calibration": {"temperature": 0, "fitted": True,
-                                                                           "bins": 15, "reason": "r"}}))
+                                                                           "bins": 15, "decision": "kept",
+                                                                           "reason": "r"}}))
     with pytest.raises(ArtifactError, match=r"calibration\.temperature: Input should be greater than 0"):
         read_calibration(layout)
 
