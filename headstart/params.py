@@ -197,7 +197,7 @@ class AuditParams(_Section):
         "(1 - pixel similarity) is at most this fraction of the reference's."
     )
     near_duplicate_min_similarity: float = Field(
-        0.95, ge=0, lt=1, description="...and its pixel similarity (normalised correlation of 24-px grayscale "
+        0.98, ge=0, lt=1, description="...and its pixel similarity (normalised correlation of 24-px grayscale "
         "copies) at least this, whatever the reference."
     )
     leakage_gallery_size: int = Field(16, ge=0, le=256, description="Near-duplicate pairs shown in the figure.")
