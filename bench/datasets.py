@@ -13,6 +13,7 @@ them on several kinds of images, not only the default Fashion-MNIST sample:
 
 Each builder writes `root/<class>/<n>.png` once and returns the folder. `SETTINGS` holds the
 `--set` overrides each dataset runs at naturally (image size, flips): the benches pass them on.
+`plant_copies` adds near-copies of some images (the leakage audit's recall is measured on them).
 
     python bench/datasets.py /tmp/bench-data    # writes every dataset, prints the class counts
 """
@@ -84,6 +85,44 @@ def faces(root: Path) -> Path:
     images = np.load(Path(skimage.data.__file__).parent / "lfw_subset.npy")
     pixels = np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
     return write_folders(root, pixels, ["face"] * 100 + ["non-face"] * 100)
+
+
+PLANT_KINDS = ("jpeg", "upscale", "crop", "brightness")
+
+
+def planted_copy(image: Image.Image, kind: str) -> tuple[Image.Image, str]:
+    """A near-copy of `image` of the given kind, and the file suffix to save it with."""
+    if kind == "jpeg":
+        return image.convert("RGB"), ".jpg"
+    if kind == "upscale":
+        return image.resize((image.width * 2, image.height * 2), Image.Resampling.BICUBIC), ".png"
+    if kind == "crop":
+        m = max(1, round(0.05 * min(image.size)))
+        return image.crop((m, m, image.width - m, image.height - m)), ".png"
+    return image.point(lambda v: min(255, v + 40)), ".png"
+
+
+def plant_copies(source: Path, per_kind: int = 30, seed: int = 0) -> list[dict[str, str]]:
+    """Near-copies of randomly chosen images written beside them as `plant-<kind>-<name>`, `per_kind` of each
+    kind (at most a tenth of the images in all); returns their rows (copy, original, kind) relative to `source`.
+
+    They stand for the copies that leak across splits: a JPEG q75 re-encode, a 2x bicubic upscale, a crop
+    of 5% off each border and a brightness shift of +40 levels. Each is its own file, so the split
+    (keyed on content) scatters copy and original independently.
+    """
+    originals = sorted(p for p in source.glob("*/*.png") if not p.name.startswith("plant-"))
+    per_kind = min(per_kind, len(originals) // (10 * len(PLANT_KINDS)) or 1)
+    chosen = np.random.default_rng(seed).choice(len(originals), per_kind * len(PLANT_KINDS), replace=False)
+    rows = []
+    for i, index in enumerate(chosen):
+        original, kind = originals[index], PLANT_KINDS[i % len(PLANT_KINDS)]
+        with Image.open(original) as image:
+            copy, suffix = planted_copy(image, kind)
+        target = original.with_name(f"plant-{kind}-{original.stem}{suffix}")
+        copy.save(target, quality=75) if suffix == ".jpg" else copy.save(target)
+        rows.append({"copy": str(target.relative_to(source)), "original": str(original.relative_to(source)),
+                     "kind": kind})
+    return rows
 
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {

@@ -3,7 +3,7 @@
 The baseline is the final model's prediction of the val and test images (what evaluate did before the
 additions). Each addition is timed with the library call the stage makes: bootstrap intervals (and the
 1,000 scikit-learn calls they replace), temperature scaling with ECE and the reliability figure,
-the Grad-CAM grid, the near-duplicate search and the out-of-fold suspect search. It then flips a few
+the Grad-CAM grid, the near-duplicate search (pixel space) and the out-of-fold suspect search. It then flips a few
 train labels at random and reports where the suspect search ranks them.
 
     .venv/bin/python bench/trust_bench.py --root . [--write-docs]
@@ -27,7 +27,7 @@ from docs_section import write_section  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score, recall_score  # noqa: E402
 
 from headstart.audit import SplitRows, leakage_table, out_of_fold_probabilities, suspect_table  # noqa: E402
-from headstart.calibration import fit_temperature, split_scores, write_reliability  # noqa: E402
+from headstart.calibration import calibrate, ece_intervals, split_scores, write_reliability  # noqa: E402
 from headstart.data.artifacts import (  # noqa: E402
     load_model,
     load_split,
@@ -106,15 +106,17 @@ def main() -> None:
         out = Path(scratch)
 
         def calibration() -> float:
-            temperature = fit_temperature(y["val"], probs["val"][None])
+            temperature = calibrate(y, {s: probs[s][None] for s in y}, p)["temperature"]
             for split in ("val", "test"):
                 split_scores(y[split], probs[split][None], temperature, p.calibration_bins)
+                ece_intervals(y[split], probs[split], p.calibration_bins, p.bootstrap_resamples, p.bootstrap_seed)
             write_reliability(y["test"], probs["test"][None], temperature, p.calibration_bins, out / "c.csv",
                               out / "reliability.png")
             return temperature
 
         seconds, _ = _timed(calibration)
-        rows.append(("temperature scaling: fit on val, ECE val/test, CSV + reliability figure", seconds))
+        rows.append(("temperature: cross-validated decision on val, ECE val/test with intervals, CSV + figure",
+                     seconds))
 
         def gradcam() -> None:
             model = serving_model(plain, info.image_size, info.interpolation)
@@ -133,8 +135,9 @@ def main() -> None:
         features, labels = load_split(npz, len(classes), features_info.feature_dim)
         split_rows[split] = SplitRows(split, features, labels, np.asarray(load_split_paths(npz)))
     a = params.audit
-    seconds, pairs = _timed(lambda: leakage_table([split_rows["val"], split_rows["test"]], split_rows["train"], classes,
-                                                  a.near_duplicate_threshold))
+    seconds, found = _timed(lambda: leakage_table([split_rows["val"], split_rows["test"]], split_rows["train"], classes,
+                                                  root, a))
+    pairs = found.table
     rows.append((f"audit: near-duplicates of {len(split_rows['train'].labels)} train images in val + test", seconds))
     train = split_rows["train"]
     seconds, _ = _timed(lambda: out_of_fold_probabilities(train.features, train.labels, classes, params.train_head,
@@ -148,7 +151,8 @@ def main() -> None:
     text = table.to_markdown(index=False)
     print(text)
     images = len(pairs.drop_duplicates(["split", "path"]))
-    found = (f"near-duplicates at cosine >= {a.near_duplicate_threshold}: {images} val/test images ({len(pairs)} pairs).\n\n"
+    found = (f"near-duplicates (pixel similarity >= {found.threshold.min():.4f} to {found.threshold.max():.4f} by class): "
+             f"{images} val/test images ({len(pairs)} pairs).\n\n"
              f"{args.flips} train labels flipped at random (seed 0): their ranks among the "
              f"{len(train.labels)} train images in the suspect list are {', '.join(map(str, ranks))}; "
              f"{int((ranks <= 2 * args.flips).sum())} of them are in the top {2 * args.flips}.")

@@ -2,8 +2,11 @@
 
 Expected calibration error (ECE) is top-label over equal-width confidence bins (lo, hi]: the
 image-weighted mean gap between each bin's accuracy and its mean confidence (Guo et al. 2017).
-Temperature scaling divides the classifier's logits by one T > 0 fitted on the val split's log loss;
-it never changes a single-pass model's top-1. The model's logits are not needed: its probabilities
+The equal-mass (adaptive) ECE uses bins of equally many images instead. Temperature scaling divides
+the classifier's logits by one T > 0 fitted on the val split's log loss; it never changes a
+single-pass model's top-1. A T fitted on val is only served when it lowers the log loss of val images
+it was not fitted on (k-fold cross-validation): a T fitted on a few hundred images can make new
+images' probabilities worse, and on a tiny or mistake-free val split it runs to its bound. The model's logits are not needed: its probabilities
 are p = softmax(z), so log p = z - logsumexp(z) and softmax(log p / T) == softmax(z / T) exactly.
 With flip TTA the served probabilities are the mean of each pass's softmax(z / T), so T is fitted on
 the passes, not on their mean. Export bakes T into the final softmax Dense layer (kernel and bias
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -23,13 +26,17 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy.optimize import minimize_scalar
 from scipy.special import softmax
+from scipy.stats import norm
 from sklearn.metrics import log_loss
+from sklearn.model_selection import KFold
 
 from headstart.data.artifacts import ArtifactError, read_metrics
 from headstart.files import atomic_write_text
 from headstart.layout import Layout
 from headstart.model import all_layers
+from headstart.params import EvaluateParams
 from headstart.reporting import markdown_table, save_figure
+from headstart.uncertainty import LEVEL, format_interval, index_blocks, percentile_interval
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,8 @@ class CalibrationRecord(BaseModel):
     temperature: float = Field(gt=0)
     fitted: bool
     bins: int = Field(ge=1)
+    decision: Literal["kept", "declined", "at_bound", "too_few_images", "no_val", "off"]
+    reason: str
 
 
 def reliability_table(labels: np.ndarray, probs: np.ndarray, bins: int) -> pd.DataFrame:
@@ -87,34 +96,149 @@ def fit_temperature(labels: np.ndarray, passes: np.ndarray) -> float:
     low, high = np.log(TEMPERATURE_BOUNDS)
     result = minimize_scalar(lambda log_t: _nll(labels, served_probabilities(passes, np.exp(log_t))),
                              bounds=(low, high), method="bounded", options={"xatol": 1e-5})
-    temperature = float(np.exp(result.x))
-    if min(abs(result.x - low), abs(result.x - high)) < 1e-3:
-        log.warning("calibration: the fitted temperature %.4g is at the edge of %s", temperature, TEMPERATURE_BOUNDS)
-    return temperature
+    return float(np.exp(result.x))
+
+
+def adaptive_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int) -> float:
+    """ECE over equal-mass bins: the images sorted by confidence and cut into `bins` groups of equal size.
+
+    Equal-width bins over a few hundred confident images are mostly empty, and the one near 1 holds
+    almost all of them; equal-mass bins give every bin the same number of images (Nixon et al. 2019).
+    """
+    return float(_adaptive_ece(probs.max(axis=1)[None], (probs.argmax(axis=1) == labels)[None], bins)[0])
+
+
+def _adaptive_ece(confidence: np.ndarray, correct: np.ndarray, bins: int) -> np.ndarray:
+    """(R,) equal-mass ECE of R rows of (confidence, correct), each row one set of N images."""
+    rows, n = confidence.shape
+    order = np.argsort(confidence, axis=1, kind="stable")
+    confidence, correct = (np.take_along_axis(a, order, axis=1) for a in (confidence, correct.astype(np.float64)))
+    index = (np.arange(n) * min(bins, n) // n)[None] + np.arange(rows)[:, None] * bins
+    return _binned_gap(index, confidence, correct, rows, bins, n)
+
+
+def _binned_gap(index: np.ndarray, confidence: np.ndarray, correct: np.ndarray, rows: int, bins: int,
+                n: int) -> np.ndarray:
+    """Sum over bins of |sum(correct) - sum(confidence)| / N per row; `index` holds row * bins + bin."""
+    size = rows * bins
+    gap = np.bincount(index.ravel(), correct.ravel(), size) - np.bincount(index.ravel(), confidence.ravel(), size)
+    return np.abs(gap).reshape(rows, bins).sum(axis=1) / n
+
+
+def ece_intervals(labels: np.ndarray, probs: np.ndarray, bins: int, resamples: int,
+                  seed: int) -> dict[str, dict[str, float]]:
+    """LEVEL percentile bootstrap intervals of the equal-width and the equal-mass ECE over the images."""
+    confidence = probs.max(axis=1).astype(np.float64)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    width_bin = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    width, mass = [], []
+    for indices in index_blocks(len(labels), resamples, seed):
+        rows = len(indices)
+        offsets = np.arange(rows)[:, None] * bins
+        width.append(_binned_gap(width_bin[indices] + offsets, confidence[indices], correct[indices], rows, bins,
+                                 len(labels)))
+        mass.append(_adaptive_ece(confidence[indices], correct[indices], bins))
+    found = {"ece": np.concatenate(width), "ece_adaptive": np.concatenate(mass)}
+    return {key: dict(zip(("low", "high"), map(float, percentile_interval(samples)), strict=True))
+            for key, samples in found.items()}
 
 
 def split_scores(labels: np.ndarray, passes: np.ndarray, temperature: float, bins: int) -> dict[str, float]:
-    """ECE of the served probabilities, and ECE and log loss before scaling (T = 1), for metrics.json."""
-    uncalibrated = served_probabilities(passes, 1.0)
-    return {"ece": expected_calibration_error(labels, served_probabilities(passes, temperature), bins),
+    """ECE (equal-width and equal-mass bins) of the served probabilities and before scaling (T = 1), and the
+    log loss before scaling, for metrics.json."""
+    served, uncalibrated = served_probabilities(passes, temperature), served_probabilities(passes, 1.0)
+    return {"ece": expected_calibration_error(labels, served, bins),
             "ece_uncalibrated": expected_calibration_error(labels, uncalibrated, bins),
+            "ece_adaptive": adaptive_calibration_error(labels, served, bins),
+            "ece_adaptive_uncalibrated": adaptive_calibration_error(labels, uncalibrated, bins),
             "log_loss_uncalibrated": float(log_loss(labels, uncalibrated, labels=np.arange(passes.shape[-1])))}
 
 
-def calibrate(labels: dict[str, np.ndarray], passes: dict[str, np.ndarray], enabled: bool, bins: int
-              ) -> tuple[dict[str, Any], str]:
-    """The calibration record for metrics.json and a sentence for the report saying where T came from."""
-    if not enabled:
-        temperature, why = 1.0, "not fitted (evaluate.temperature_scaling: false); probabilities are the model's own."
-    elif "val" not in passes:
-        temperature, why = 1.0, ("not fitted: there is no val split to fit it on (split.val is 0), so T = 1 and "
-                                 "probabilities are the model's own. Set split.val > 0 to calibrate them.")
-    else:
-        temperature = fit_temperature(labels["val"], passes["val"])
-        why = (f"fitted on the val split ({len(labels['val'])} images) by minimising its log loss. Every final-model "
-               "number above and everything export serves uses the scaled probabilities.")
-    record = {"temperature": temperature, "fitted": enabled and "val" in passes, "bins": bins}
-    return record, f"Temperature T = {temperature:.4f}: {why}"
+def cross_validated_log_loss(labels: np.ndarray, passes: np.ndarray, folds: int, seed: int
+                             ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Each val image's log loss unscaled and scaled by a T fitted on the other folds, and those Ts.
+
+    Each fold's T is fitted on the remaining folds only, so the scaled loss is what T earns on images
+    it was not fitted on: the evidence for keeping it.
+    """
+    unscaled, scaled = np.empty(len(labels)), np.empty(len(labels))
+    temperatures = []
+    for fit, held in KFold(folds, shuffle=True, random_state=seed).split(labels):
+        temperature = fit_temperature(labels[fit], passes[:, fit])
+        temperatures.append(temperature)
+        for target, t in ((unscaled, 1.0), (scaled, temperature)):
+            target[held] = -np.log(np.maximum(served_probabilities(passes[:, held], t)[np.arange(len(held)),
+                                                                                       labels[held]], _TINY))
+    return unscaled, scaled, temperatures
+
+
+def _gain_bound(unscaled: np.ndarray, scaled: np.ndarray) -> float:
+    """The one-sided LEVEL lower bound of the mean per-image log-loss gain (normal approximation)."""
+    gain = unscaled - scaled
+    return float(gain.mean() - norm.ppf(LEVEL) * gain.std(ddof=1) / np.sqrt(len(gain)))
+
+
+def _at_bound(temperature: float) -> bool:
+    return min(abs(np.log(temperature / bound)) for bound in TEMPERATURE_BOUNDS) < 1e-3
+
+
+def calibrate(labels: dict[str, np.ndarray], passes: dict[str, np.ndarray], p: EvaluateParams) -> dict[str, Any]:
+    """metrics.json's calibration record: the served T, the decision, its evidence and the `reason` (a sentence
+    the report and the model card show)."""
+    record, reason = _decide(labels, passes, p)
+    return {**record, "reason": reason}
+
+
+def _decide(labels: dict[str, np.ndarray], passes: dict[str, np.ndarray], p: EvaluateParams
+            ) -> tuple[dict[str, Any], str]:
+    """The record and the sentence on which T is served and why.
+
+    A T fitted on val is kept only when it lowers the val log loss on folds it was not fitted on
+    (`evaluate.calibration_folds`-fold cross-validation) by more than the noise: the one-sided 95%
+    lower bound of the mean per-image gain must be above 0 (on 66 val images a T that gained 0.04 in
+    cross-validation still made the test log loss worse). Otherwise, and on a val split too small to
+    tell (< `evaluate.calibration_min_images`) or when the fit runs to a bound of TEMPERATURE_BOUNDS
+    (e.g. a val split without mistakes: any T below 1 looks better), T = 1 is served.
+    """
+    record: dict[str, Any] = {"temperature": 1.0, "fitted": False, "bins": p.calibration_bins}
+    val = len(labels.get("val", ()))
+    if not p.temperature_scaling:
+        record["decision"] = "off"
+        return record, "T = 1: not fitted (evaluate.temperature_scaling: false); probabilities are the model's own."
+    if not val:
+        record["decision"] = "no_val"
+        return record, ("T = 1: not fitted, there is no val split to fit it on (split.val is 0), so probabilities "
+                        "are the model's own. Set split.val > 0 to calibrate them.")
+    if val < p.calibration_min_images:
+        record["decision"] = "too_few_images"
+        return record, (f"T = 1: not fitted, the val split has {val} images, fewer than "
+                        f"evaluate.calibration_min_images={p.calibration_min_images}: too few to tell whether a "
+                        "temperature helps, so probabilities are the model's own.")
+    candidate = fit_temperature(labels["val"], passes["val"])
+    folds = min(p.calibration_folds, val)
+    per_image = cross_validated_log_loss(labels["val"], passes["val"], folds, p.bootstrap_seed)
+    unscaled, scaled, fold_ts = float(per_image[0].mean()), float(per_image[1].mean()), per_image[2]
+    bound = _gain_bound(per_image[0], per_image[1])
+    record.update({"fitted": True, "candidate_temperature": candidate, "folds": folds,
+                   "heldout_log_loss_unscaled": unscaled, "heldout_log_loss_scaled": scaled,
+                   "heldout_gain_low": bound})
+    evidence = (f"T = {candidate:.4f} fitted on all {val} val images; in {folds}-fold cross-validation on val "
+                f"(T fitted on {folds - 1} folds, scored on the held-out one; fold Ts {min(fold_ts):.3f} to "
+                f"{max(fold_ts):.3f}) the held-out log loss is {unscaled:.4f} unscaled and {scaled:.4f} scaled")
+    if _at_bound(candidate) or any(_at_bound(t) for t in fold_ts):
+        record["decision"] = "at_bound"
+        log.warning("calibration: the fitted temperature runs to a bound of %s: T = 1 is kept", TEMPERATURE_BOUNDS)
+        return record, (f"T = 1 kept: {evidence}, but the fit runs to the bound {TEMPERATURE_BOUNDS} (a val split "
+                        "with (almost) no mistakes rewards any overconfidence), so it says nothing about new images.")
+    noise = (f"; the {LEVEL:.0%} lower bound of its per-image gain is {bound:.4f}")
+    if bound <= 0:
+        record["decision"] = "declined"
+        return record, (f"T = 1 kept: {evidence}{noise}: scaling does not lower the log loss of images it was not "
+                        "fitted on beyond the noise of this val split, so probabilities are the model's own.")
+    record.update({"temperature": candidate, "decision": "kept"})
+    return record, (f"Temperature T = {candidate:.4f} kept: {evidence}{noise}, so scaling lowers the log loss of "
+                    "images it was not fitted on. Every final-model number above and everything export serves uses "
+                    "the scaled probabilities.")
 
 
 def read_calibration(layout: Layout) -> CalibrationRecord:
@@ -177,16 +301,29 @@ def _plot_reliability(tables: dict[str, pd.DataFrame], images: int, temperature:
     save_figure(figure, target)
 
 
+def _with_interval(scores: dict[str, Any], key: str) -> str:
+    interval = scores.get("ci95", {}).get(key)
+    return f"{scores[key]:.4f}" + (f" {format_interval(**interval)}" if interval else "")
+
+
 def report_lines(metrics: dict[str, Any], splits: tuple[str, ...], how: str) -> list[str]:
-    """The evaluation report's calibration section: ECE and log loss before and after scaling, the diagram."""
-    rows = [{"split": split, "images": metrics[split]["images"], "ECE before": metrics[split]["ece_uncalibrated"],
-             "ECE after": metrics[split]["ece"], "log loss before": metrics[split]["log_loss_uncalibrated"],
-             "log loss after": metrics[split]["log_loss"]} for split in splits if split in metrics]
+    """The evaluation report's calibration section: the temperature decision, ECE (equal-width and equal-mass
+    bins, with their 95% intervals) and log loss before and after scaling, the diagram."""
+    rows = [{"split": split, "images": s["images"], "ECE before": s["ece_uncalibrated"],
+             "ECE after": _with_interval(s, "ece"), "equal-mass ECE before": s["ece_adaptive_uncalibrated"],
+             "equal-mass ECE after": _with_interval(s, "ece_adaptive"),
+             "log loss before": s["log_loss_uncalibrated"], "log loss after": s["log_loss"]}
+            for split, s in ((split, metrics[split]) for split in splits if split in metrics)]
+    bins = metrics["calibration"]["bins"]
     return [
         "## Calibration",
         "",
-        f"{how} ECE: top-label expected calibration error over {metrics['calibration']['bins']} equal-width "
-        "confidence bins (0 = a probability of 0.8 is right 80% of the time).",
+        how,
+        "",
+        f"ECE: top-label expected calibration error over {bins} equal-width confidence bins (0 = a probability "
+        f"of 0.8 is right 80% of the time); equal-mass ECE: over {bins} bins of equally many images, which "
+        "a few hundred confident images cannot leave empty. After scaling: [95% bootstrap interval over the images]; "
+        "noise only adds to an ECE, so the interval sits mostly above the estimate.",
         "",
         markdown_table(pd.DataFrame(rows)),
         "",

@@ -7,6 +7,7 @@ assembled model). Every layer is a built-in Keras layer, so saved `.keras` files
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from headstart.optimizers import head_optimizer
 from headstart.params import AugmentationParams, FeaturesParams, TrainHeadParams
 
 if TYPE_CHECKING:  # for the annotation only: no runtime (nor dvc.yaml) dependency on the backbones
@@ -56,6 +58,25 @@ def build_head(feature_dim: int, num_classes: int, params: TrainHeadParams) -> k
         num_classes, activation="softmax", kernel_regularizer=regularizer, dtype="float32", name="probabilities"
     )(x)
     return keras.Model(inputs, outputs, name="head")
+
+
+def compiled_head(feature_dim: int, num_classes: int, params: TrainHeadParams, train_rows: int,
+                  metrics: tuple[str, ...] = ()) -> keras.Model:
+    """The head recipe train_head and the audit's out-of-fold heads share: `build_head`, compiled with the
+    head optimizer (its schedule spans `params.epochs` epochs of `train_rows` rows) and the smoothed loss."""
+    head = build_head(feature_dim, num_classes, params)
+    head.compile(optimizer=head_optimizer(params, math.ceil(train_rows / params.batch_size)),
+                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+                 metrics=list(metrics))
+    return head
+
+
+def head_batches(features: np.ndarray, labels: np.ndarray, num_classes: int, params: TrainHeadParams
+                 ) -> tf.data.Dataset:
+    """Training batches of (features, one-hot labels), shuffled with the head's seed and reshuffled each epoch."""
+    targets = np.eye(num_classes, dtype=np.float32)[labels]
+    return (tf.data.Dataset.from_tensor_slices((features, targets))
+            .shuffle(len(labels), seed=params.seed, reshuffle_each_iteration=True).batch(params.batch_size))
 
 
 def build_classifier(backbone: Backbone, head: keras.Model) -> keras.Model:

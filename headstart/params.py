@@ -207,11 +207,20 @@ class LrFindParams(_Section):
 
 
 class AuditParams(_Section):
-    """Data audits on the cached features; the defaults are measured in headstart/audit.py's docstring."""
+    """Data audits: near-duplicates in pixel space, mislabels on the cached features (measured in
+    docs/benchmarks.md, "Trust checks on five datasets")."""
 
-    near_duplicate_threshold: float = Field(
-        0.96, gt=0, le=1, description="Cosine similarity of pooled features at which a val/test image counts as a "
-        "copy of a train image."
+    near_duplicate_percentile: float = Field(
+        99.9, gt=0, le=100, description="Percentile of train images' second-nearest pixel similarity within "
+        "their class that sets how alike two different images of it can be (the reference)."
+    )
+    near_duplicate_margin: float = Field(
+        0.5, gt=0, le=1, description="A val/test-train pair is a near-duplicate when its distance to identical "
+        "(1 - pixel similarity) is at most this fraction of the reference's."
+    )
+    near_duplicate_min_similarity: float = Field(
+        0.98, ge=0, lt=1, description="...and its pixel similarity (normalised correlation of 24-px grayscale "
+        "copies) at least this, whatever the reference."
     )
     leakage_gallery_size: int = Field(16, ge=0, le=256, description="Near-duplicate pairs shown in the figure.")
     folds: int = Field(5, ge=2, le=50, description="Stratified folds of the out-of-fold mislabel search.")
@@ -235,9 +244,15 @@ class EvaluateParams(_Section):
     )
     bootstrap_seed: int = Field(0, ge=0, description="Seed of the bootstrap draws (fixed, so reruns report the same interval).")
     temperature_scaling: bool = Field(
-        True, description="Fit a softmax temperature on the val split; evaluate scores and export serves the scaled model."
+        True, description="Fit a softmax temperature on the val split, kept when it lowers the held-out log loss; "
+        "evaluate scores and export serves the scaled model."
     )
-    calibration_bins: int = Field(15, ge=1, le=1000, description="Equal-width confidence bins of the ECE and diagram.")
+    calibration_bins: int = Field(15, ge=1, le=1000, description="Confidence bins of the ECE (equal-width and "
+                                  "equal-mass) and of the diagram.")
+    calibration_folds: int = Field(5, ge=2, le=50, description="Cross-validation folds on val that check T on "
+                                   "images it was not fitted on; T = 1 unless it lowers their log loss.")
+    calibration_min_images: int = Field(50, ge=2, description="Smaller val splits keep T = 1: too few images to "
+                                        "tell whether a temperature helps.")
     gradcam_per_class: int = Field(2, ge=0, le=64, description="Correct test images per class in the Grad-CAM "
                                    "figure, after the mistakes' gallery; 0 turns the figure off.")
     gradcam_layer: str | None = Field(None, description="Backbone layer Grad-CAM explains; null: the last conv "

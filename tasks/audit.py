@@ -1,7 +1,8 @@
 """audit stage: near-duplicates of train images in val/test, and likely mislabelled train images.
 
-Reads only the cached features (plus the raw images for the figures), so it runs beside
-train_head and is not rerun when fine-tuning changes. The methods are in headstart/audit.py.
+Reads the raw images (near-duplicates are compared in pixel space, at 24 px) and the cached
+features (the mislabel search), so it runs beside train_head and is not rerun when fine-tuning
+changes. The methods are in headstart/audit.py.
 Outputs: reports/leakage.csv, reports/suspect_labels.csv, reports/audit/{leakage,suspect_labels}.png
 and the counts in reports/audit.json (a DVC metrics file).
 """
@@ -52,8 +53,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     train = splits["train"]
 
     started = time.perf_counter()
-    leakage = leakage_table([splits["val"], splits["test"]], train, info.classes, p.near_duplicate_threshold)
-    leakage_seconds = time.perf_counter() - started
+    found = leakage_table([splits["val"], splits["test"]], train, info.classes, layout.root, p)
+    leakage, leakage_seconds = found.table, time.perf_counter() - started
 
     started = time.perf_counter()
     probs, folds = out_of_fold_probabilities(train.features, train.labels, info.classes, params.train_head,
@@ -69,9 +70,11 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     plot_suspects(suspects.head(p.suspect_gallery_size), layout.root, layout.audit_figures_dir / "suspect_labels.png")
 
     images = leakage.drop_duplicates(["split", "path"])["split"].value_counts()
-    metrics = {
+    metrics: dict[str, dict[str, Any]] = {
         "near_duplicates": {
-            "threshold": p.near_duplicate_threshold,
+            # per class: its own neighbour similarity (params' percentile), and the pixel similarity a pair needed
+            "reference": dict(zip(info.classes, map(float, found.reference), strict=True)),
+            "threshold": dict(zip(info.classes, map(float, found.threshold), strict=True)),
             "count": int(images.sum()),  # val/test images with at least one train near-duplicate
             "pairs": len(leakage),
             **{split: int(images.get(split, 0)) for split in ("val", "test")},

@@ -21,6 +21,7 @@ from sklearn.metrics import confusion_matrix
 
 from headstart.calibration import (
     calibrate,
+    ece_intervals,
     report_lines,
     served_probabilities,
     split_scores,
@@ -44,7 +45,7 @@ from headstart.model import flip_tta_passes, with_flip_tta
 from headstart.params import EvaluateParams, Params
 from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
 from headstart.serving import serving_model
-from headstart.uncertainty import Intervals, bootstrap_intervals, format_interval, write_predictions
+from headstart.uncertainty import bootstrap_intervals, format_interval, per_class_intervals, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
         "",
         "## Per class (final model, test split)",
         "",
+        "`*_low`, `*_high`: 95% Wilson score intervals of recall (of the class's images) and precision (of the "
+        "images predicted as it); they stay honest at 0% and 100%.",
+        "",
         markdown_table(report),
         "",
         "## Most frequent confusions (test split)",
@@ -173,7 +177,8 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
         passes[split] = np.stack(keras.tree.flatten(predict_images(model, layout, frame, info,
                                                                    params.features.batch_size)))
     truth = {split: frame["y"].to_numpy() for split, frame in rows.items()}
-    metrics["calibration"], calibration = calibrate(truth, passes, p.temperature_scaling, p.calibration_bins)
+    metrics["calibration"] = calibrate(truth, passes, p)
+    calibration = metrics["calibration"]["reason"]
     temperature = metrics["calibration"]["temperature"]
     write_reliability(truth["test"], passes["test"], temperature, p.calibration_bins,
                       layout.calibration_csv, layout.figures_dir / "reliability.png")
@@ -199,14 +204,13 @@ def _gate(metrics: dict[str, Any], floor: float | None) -> tuple[bool, str]:
 
 
 def _write_test_reports(layout: Layout, p: EvaluateParams, test: pd.DataFrame, probs: np.ndarray,
-                        classes: list[str], intervals: Intervals | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                        classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The per-class, confusion and per-image CSVs and the figures; returns the tables the Markdown report shows."""
     predicted = probs.argmax(axis=1)
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     figures = layout.figures_dir
-    report = per_class_report(test["y"].to_numpy(), predicted, classes)
-    if intervals is not None:
-        report = report.assign(recall_low=intervals.recall[:, 0], recall_high=intervals.recall[:, 1])
+    report = pd.concat([per_class_report(test["y"].to_numpy(), predicted, classes),
+                        per_class_intervals(test["y"].to_numpy(), predicted, len(classes))], axis=1)
     write_predictions(layout.predictions_file, list(test["path"]), list(test["label"]), probs, classes)
     atomic_write_text(layout.classification_report, report.to_csv(index=False))
     pairs = pd.DataFrame({"actual": test["label"], "predicted": [classes[i] for i in predicted]})
@@ -250,9 +254,10 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                                             p.bootstrap_resamples, p.bootstrap_seed)
                  for split, frame in rows.items() if p.bootstrap_resamples}
     for split, found in intervals.items():
-        metrics[split]["ci95"] = found.as_metrics()
-    report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes,
-                                                    intervals.get("test"))
+        metrics[split]["ci95"] = found.as_metrics() | ece_intervals(
+            rows[split]["y"].to_numpy(), final_probs[split], p.calibration_bins, p.bootstrap_resamples,
+            p.bootstrap_seed)
+    report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes)
     gradcam = _write_gradcam(params, layout, info, plain, rows["test"], final_probs["test"], worst)
     passed, gate = _gate(metrics, p.assert_min_accuracy)
     write_report(layout.evaluation_report, metrics, report, confusions, worst, info, gate, calibration,

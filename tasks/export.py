@@ -6,8 +6,9 @@ Formats: `.keras`, a SavedModel with a named serving signature, and TFLite float
 full-integer int8 (calibrated on a sample of the train split). A parity check runs every format
 through `headstart.serving`'s loaders (predict's too) on the test split; float formats that disagree with Keras on
 more than `1 - export.min_float_agreement` of the images fail the stage. Every format carries the
-softmax temperature evaluate fitted (metrics.json `calibration.temperature`, baked into the final
-Dense layer), so it serves the calibrated probabilities evaluate scored.
+softmax temperature evaluate chose (metrics.json `calibration.temperature`: 1 unless scaling lowered the
+held-out val log loss; baked into the final Dense layer), so it serves the probabilities evaluate
+scored; the model card says which T and why (`calibration.reason`).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def model_card(params: Params, layout: Layout, info: ModelInfo, files: dict[str,
         },
         "output": {"name": OUTPUT_NAME, "dtype": "float32 (uint8 in the int8 TFLite model, scale 1/256)",
                    "shape": [None, len(info.classes)], "meaning": "softmax probabilities in labels.txt order, temperature-scaled by "
-                              f"calibration.temperature = {calibration.temperature:.4f}"},
+                              f"calibration.temperature = {calibration.temperature:.4f} ({calibration.reason})"},
         "serving_signature": SIGNATURE,
         "files": {fmt: {"path": FILES[fmt], "bytes": _size(path)} for fmt, path in files.items()},
         "params": params.model_dump(mode="json"),

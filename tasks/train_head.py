@@ -28,8 +28,7 @@ from headstart.data.artifacts import (
 )
 from headstart.files import atomic_directory, remove_stale_temps
 from headstart.layout import Layout
-from headstart.model import build_head, require_trained_weights
-from headstart.optimizers import head_optimizer
+from headstart.model import compiled_head, head_batches, require_trained_weights
 from headstart.params import Params, TrainHeadParams
 from headstart.runtime import runtime_info, seed_everything
 
@@ -56,12 +55,8 @@ def _datasets(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
               p: TrainHeadParams) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """Shuffled training batches (seeded, reshuffled each epoch) and validation batches, one-hot labels."""
     eye = np.eye(classes, dtype=np.float32)
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((x_train, eye[y_train]))
-        .shuffle(len(y_train), seed=p.seed, reshuffle_each_iteration=True)
-        .batch(p.batch_size)
-    )
-    return train_ds, tf.data.Dataset.from_tensor_slices((x_val, eye[y_val])).batch(max(p.batch_size, 256))
+    val_ds = tf.data.Dataset.from_tensor_slices((x_val, eye[y_val])).batch(max(p.batch_size, 256))
+    return head_batches(x_train, y_train, classes, p), val_ds
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
@@ -78,12 +73,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 
     seed_everything(p.seed)
     train_ds, val_ds = _datasets(x_train, y_train, x_val, y_val, len(classes), p)
-    head = build_head(dim, len(classes), p)
-    head.compile(
-        optimizer=head_optimizer(p, steps_per_epoch=int(np.ceil(len(y_train) / p.batch_size))),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing),
-        metrics=["accuracy"],
-    )
+    head = compiled_head(dim, len(classes), p, len(y_train), metrics=("accuracy",))
     timer = EpochTimer()
     live = Live(str(layout.live_dir("train_head")), dvcyaml=None, save_dvc_exp=False)
     # patience 0 disables stopping but still restores the weights of the best validation loss

@@ -85,3 +85,12 @@ def exported_tree(trained_tree):
     evaluate.run(params, trained_tree)
     export.run(params, trained_tree)
     return trained_tree
+
+
+@pytest.fixture(scope="session")
+def calibrated_tree(tmp_path_factory, fashion_arrays):
+    """A head-only model whose temperature evaluate keeps, evaluated and exported (Keras; built once)."""
+    from tests.model_fixture import build_calibrated_tree
+
+    images, labels = fashion_arrays
+    return build_calibrated_tree(tmp_path_factory.mktemp("calibrated"), images, labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import keras
 import numpy as np
@@ -12,7 +13,11 @@ from scipy.special import softmax
 
 from headstart.backbones.loading import build_feature_extractor, load_backbone
 from headstart.calibration import (
+    TEMPERATURE_BOUNDS,
+    adaptive_calibration_error,
     apply_temperature,
+    calibrate,
+    ece_intervals,
     expected_calibration_error,
     fit_temperature,
     read_calibration,
@@ -22,7 +27,8 @@ from headstart.calibration import (
 from headstart.data.artifacts import ArtifactError
 from headstart.layout import Layout
 from headstart.model import build_head
-from headstart.params import TrainHeadParams
+from headstart.params import EvaluateParams, TrainHeadParams
+from headstart.uncertainty import index_blocks
 
 
 def test_ece_matches_a_hand_computation():
@@ -107,6 +113,65 @@ def test_missing_or_bad_calibration_record_names_the_file(tmp_path):
     with pytest.raises(ArtifactError, match=r"metrics\.json: calibration: .*rerun `headstart evaluate`"):
         read_calibration(layout)
     layout.metrics_file.write_text(json.dumps({"test": {}, "calibration": {"temperature": 0, "fitted": True,
-                                                                           "bins": 15}}))
+                                                                           "bins": 15, "decision": "kept",
+                                                                           "reason": "r"}}))
     with pytest.raises(ArtifactError, match=r"calibration\.temperature: Input should be greater than 0"):
         read_calibration(layout)
+
+
+def test_equal_mass_ece_matches_a_hand_computation():
+    labels = np.array([0, 1, 1, 0, 2, 2])
+    probs = np.array([[0.90, 0.05, 0.05], [0.20, 0.70, 0.10], [0.55, 0.35, 0.10],
+                      [0.15, 0.10, 0.75], [0.34, 0.33, 0.33], [0.10, 0.10, 0.80]])
+    # sorted confidences 0.34 (wrong), 0.55 (wrong) | 0.70 (right), 0.75 (wrong) | 0.80 (right), 0.90 (right)
+    expected = (abs(0 - 0.89) + abs(1 - 1.45) + abs(2 - 1.70)) / 6
+    assert adaptive_calibration_error(labels, probs, bins=3) == pytest.approx(expected)
+    assert adaptive_calibration_error(labels, probs, bins=1) == pytest.approx(expected_calibration_error(labels, probs, 1))
+    assert adaptive_calibration_error(labels, probs, bins=50) == pytest.approx(  # more bins than images: one each
+        np.abs((probs.argmax(1) == labels) - probs.max(1)).mean())
+
+
+def test_ece_intervals_are_the_bootstrap_of_both_eces(overconfident_head):
+    labels, probs = overconfident_head["test"]
+    found = ece_intervals(labels, probs, 15, 200, seed=0)
+    by_hand = {"ece": [], "ece_adaptive": []}
+    for indices in index_blocks(len(labels), 200, 0):  # the same draws, scored one resample at a time
+        for row in indices:
+            by_hand["ece"].append(expected_calibration_error(labels[row], probs[row], 15))
+            by_hand["ece_adaptive"].append(adaptive_calibration_error(labels[row], probs[row], 15))
+    for key, samples in by_hand.items():
+        assert (found[key]["low"], found[key]["high"]) == pytest.approx(tuple(np.percentile(samples, [2.5, 97.5])))
+    assert found["ece"]["low"] < expected_calibration_error(labels, probs, 15) < found["ece"]["high"]
+
+
+def test_a_temperature_that_helps_on_held_out_val_folds_is_kept(overconfident_head):
+    labels, probs = overconfident_head["val"]
+    record = calibrate({"val": labels}, {"val": probs[None]}, EvaluateParams())
+    assert record["decision"] == "kept" and record["temperature"] == record["candidate_temperature"] > 1.2
+    assert record["heldout_log_loss_scaled"] < record["heldout_log_loss_unscaled"]
+    assert record["reason"].startswith(f"Temperature T = {record['temperature']:.4f} kept")
+
+
+def test_a_temperature_that_does_not_help_on_held_out_folds_is_declined(overconfident_head):
+    """Probabilities already scaled by the T that suits them: a T refitted on four folds only adds noise."""
+    labels, probs = overconfident_head["val"]
+    calibrated = served_probabilities(probs[None], fit_temperature(labels, probs[None]))
+    record = calibrate({"val": labels}, {"val": calibrated[None]}, EvaluateParams())
+    assert record["decision"] == "declined" and record["temperature"] == 1.0 and record["fitted"]
+    assert record["heldout_log_loss_scaled"] >= record["heldout_log_loss_unscaled"]
+    assert "T = 1 kept" in record["reason"] and "does not lower the log loss" in record["reason"]
+
+
+def test_a_tiny_or_mistake_free_val_split_keeps_t_at_one(overconfident_head, caplog):
+    labels, probs = overconfident_head["val"]
+    right = np.flatnonzero(probs.argmax(1) == labels)[:60]  # no mistakes: any T < 1 lowers their log loss
+    assert fit_temperature(labels[right], probs[None, right]) == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3)
+    with caplog.at_level(logging.WARNING, logger="headstart.calibration"):
+        record = calibrate({"val": labels[right]}, {"val": probs[None, right]}, EvaluateParams())
+    assert record["decision"] == "at_bound" and record["temperature"] == 1.0
+    assert "runs to the bound" in record["reason"] and "T = 1 is kept" in caplog.text
+    record = calibrate({"val": labels[:6]}, {"val": probs[None, :6]}, EvaluateParams())
+    assert record == {"temperature": 1.0, "fitted": False, "bins": 15, "decision": "too_few_images",
+                      "reason": record["reason"]}
+    assert "the val split has 6 images, fewer than evaluate.calibration_min_images=50" in record["reason"]
+    assert calibrate({"val": labels}, {"val": probs[None]}, EvaluateParams(temperature_scaling=False))["decision"] == "off"

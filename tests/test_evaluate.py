@@ -15,8 +15,10 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 from scipy.special import softmax
+from scipy.stats import binomtest
 from sklearn.metrics import classification_report, confusion_matrix, f1_score, log_loss, top_k_accuracy_score
 
+from headstart.calibration import ece_intervals
 from headstart.data.datasets import image_dataset
 from headstart.layout import Layout
 from headstart.metrics import classification_metrics
@@ -60,14 +62,28 @@ def _sklearn_scores(labels: np.ndarray, probs: np.ndarray, k: int) -> dict[str, 
     }
 
 
-def test_metrics_match_sklearn_on_independent_predictions(exported_tree):
-    """The final model is scored as served: softmax(log p / T) with the temperature fitted on val."""
-    metrics = json.loads(exported_tree.metrics_file.read_text())
+@pytest.mark.parametrize(("tree", "decision"), [("exported_tree", "declined"), ("calibrated_tree", "kept")])
+def test_metrics_match_sklearn_on_independent_predictions(tree, decision, request):
+    """The final model is scored as served: softmax(log p / T) with the temperature evaluate chose. On the
+    fine-tuned tree a T fitted on val raises the log loss of val images it was not fitted on, so T = 1; on
+    the underconfident head (label smoothing 0.3) it lowers it, so T is kept."""
+    layout = request.getfixturevalue(tree)
+    metrics = json.loads(layout.metrics_file.read_text())
     k = metrics["top_k"]
     assert k == 3
-    temperature = metrics["calibration"]["temperature"]
-    assert metrics["calibration"]["fitted"] and temperature != pytest.approx(1, abs=1e-3)
-    for split, predictions in _recomputed(exported_tree).items():
+    record = metrics["calibration"]
+    assert record["fitted"] and record["decision"] == decision and record["folds"] == 5
+    assert (record["heldout_gain_low"] > 0) == (decision == "kept")
+    # declined: scaling would worsen the held-out log loss, not only fail to lower it enough
+    assert (record["heldout_log_loss_scaled"] < record["heldout_log_loss_unscaled"]) == (decision == "kept")
+    temperature = record["temperature"]
+    if decision == "kept":
+        assert temperature == record["candidate_temperature"] and temperature < 0.9
+        assert metrics["test"]["log_loss"] < metrics["test"]["log_loss_uncalibrated"]  # and it helps on test
+    else:
+        assert temperature == 1.0 and record["candidate_temperature"] != pytest.approx(1, abs=1e-3)
+        assert metrics["test"]["ece"] == metrics["test"]["ece_uncalibrated"]
+    for split, predictions in _recomputed(layout).items():
         raw = predictions["probs"].astype(np.float64)
         final = _sklearn_scores(predictions["labels"], softmax(np.log(raw) / temperature, axis=1), k)
         assert metrics[split]["log_loss_uncalibrated"] == pytest.approx(
@@ -114,8 +130,14 @@ def test_figures_and_readable_report(exported_tree):
     gallery_rows = [line for line in text.split("## Most confident mistakes")[1].splitlines() if line.startswith("| data/")]
     assert len(gallery_rows) == min(wrong, trained_params(exported_tree.root).evaluate.gallery_size)
     calibration = text.split("## Calibration")[1]
-    assert f"Temperature T = {metrics['calibration']['temperature']:.4f}: fitted on the val split" in calibration
-    assert f"| test    | {metrics['test']['images']} " in calibration and f"{metrics['test']['ece']:.4f}" in calibration
+    record = metrics["calibration"]
+    assert record["reason"] in calibration and "T = 1 kept" in record["reason"]
+    assert "scaling does not lower the log loss of images it was not fitted on" in record["reason"]
+    assert f"{record['heldout_log_loss_unscaled']:.4f} unscaled and {record['heldout_log_loss_scaled']:.4f}" in calibration
+    ece = metrics["test"]["ci95"]["ece"]
+    assert f"| test    | {metrics['test']['images']} " in calibration
+    assert f"{metrics['test']['ece']:.4f} {format_interval(**ece)}" in calibration
+    assert f"{metrics['test']['ece_adaptive']:.4f}" in calibration
 
 
 def test_reliability_data_is_the_test_split_before_and_after_scaling(exported_tree):
@@ -134,7 +156,8 @@ def test_without_a_val_split_the_temperature_stays_one_and_the_report_says_why(t
     manifest.loc[manifest["split"] == "val", "split"] = "train"
     manifest.to_csv(tree_copy.split_manifest, index=False)
     metrics = evaluate.run(_params(tree_copy), tree_copy)
-    assert metrics["calibration"] == {"temperature": 1.0, "fitted": False, "bins": 15} and "val" not in metrics
+    assert metrics["calibration"]["temperature"] == 1.0 and not metrics["calibration"]["fitted"]
+    assert metrics["calibration"]["decision"] == "no_val" and "val" not in metrics
     assert metrics["test"]["ece"] == metrics["test"]["ece_uncalibrated"]
     assert metrics["test"]["log_loss"] == pytest.approx(metrics["test"]["log_loss_uncalibrated"])
     assert "there is no val split to fit it on" in (tree_copy.reports_dir / "evaluation.md").read_text()
@@ -150,8 +173,25 @@ def test_intervals_around_the_final_model_scores(exported_tree):
             assert interval["low"] < interval["high"], (split, key)  # 0.9-ish accuracy on ~20 images is not certain
             assert format_interval(**interval) in text
     assert all("ci95" not in scores for scores in metrics["head"].values())  # the final model only
+    recomputed = _recomputed(exported_tree)
+    p = trained_params(exported_tree.root).evaluate
+    for split in ("test", "val"):  # the ECE's intervals: the bootstrap of the served probabilities' ECE
+        served = softmax(np.log(recomputed[split]["probs"].astype(np.float64)) / metrics["calibration"]["temperature"], 1)
+        expected = ece_intervals(recomputed[split]["labels"], served, p.calibration_bins, p.bootstrap_resamples,
+                                 p.bootstrap_seed)
+        for key in ("ece", "ece_adaptive"):
+            interval = metrics[split]["ci95"][key]
+            assert interval == pytest.approx(expected[key], abs=1e-5) and interval["low"] < interval["high"]
     report = pd.read_csv(exported_tree.reports_dir / "classification_report.csv", dtype={"class": str})
-    assert (report["recall_low"] <= report["recall"]).all() and (report["recall"] <= report["recall_high"]).all()
+    test = recomputed["test"]
+    predicted = softmax(np.log(test["probs"].astype(np.float64)) / metrics["calibration"]["temperature"], 1).argmax(1)
+    for i, row in report.iterrows():  # Wilson score intervals from the counts, as statsmodels/scipy define them
+        hits = int(((test["labels"] == i) & (predicted == i)).sum())
+        for name, trials in (("recall", (test["labels"] == i).sum()), ("precision", (predicted == i).sum())):
+            if trials:
+                expected = binomtest(hits, int(trials)).proportion_ci(0.95, method="wilson")
+                assert (row[f"{name}_low"], row[f"{name}_high"]) == pytest.approx(tuple(expected)), (row["class"], name)
+                assert row[f"{name}_low"] <= row[name] <= row[f"{name}_high"]
     assert "| recall_low" in text.split("## Per class")[1]
 
 
@@ -202,7 +242,8 @@ def test_bootstrap_off_drops_the_intervals(tree_copy):
                  tree_copy)
     metrics = json.loads(tree_copy.metrics_file.read_text())
     assert "ci95" not in metrics["test"] and "ci95" not in metrics["val"]
-    assert "recall_low" not in pd.read_csv(tree_copy.reports_dir / "classification_report.csv").columns
+    report = pd.read_csv(tree_copy.reports_dir / "classification_report.csv")  # Wilson intervals need no resampling
+    assert {"recall_low", "recall_high", "precision_low", "precision_high"} <= set(report.columns)
     assert "95% CI" not in (tree_copy.reports_dir / "evaluation.md").read_text()
 
 

@@ -23,7 +23,7 @@ from headstart.model import all_layers
 from headstart.params import ParamsError, validate_params
 from headstart.serving import load_predictor
 from tasks import export
-from tests.model_fixture import trained_params
+from tests.model_fixture import calibrated_params, trained_params
 
 pytestmark = pytest.mark.slow  # trains and exports a model
 
@@ -56,8 +56,9 @@ def test_every_format_written_and_float_formats_agree(exported_tree):
     assert sizes["tflite_int8"] < sizes["tflite_float16"] < sizes["tflite_float32"]
 
 
-def test_keras_export_is_safe_mode_loadable_and_serves_the_calibrated_training_pipeline(exported_tree):
-    """The export carries evaluate's temperature: softmax(log p / T) of the fine-tuned model's p."""
+def test_keras_export_is_safe_mode_loadable_and_serves_the_calibrated_training_pipeline(calibrated_tree):
+    """The export carries the temperature evaluate kept: softmax(log p / T) of the classifier's p."""
+    exported_tree = calibrated_tree
     model = keras.models.load_model(exported_tree.export_dir / "model.keras", safe_mode=True)
     assert not [layer for layer in all_layers(model) if isinstance(layer, layers.Lambda)]
     assert model.inputs[0].dtype == "uint8" and tuple(model.inputs[0].shape) == (None, None, None, 3)
@@ -68,8 +69,12 @@ def test_keras_export_is_safe_mode_loadable_and_serves_the_calibrated_training_p
     classifier = keras.models.load_model(exported_tree.finetune_dir / "model.keras", safe_mode=True)
     uncalibrated = classifier.predict(image_dataset(paths, None, info["image_size"], 8, info["interpolation"]),
                                       verbose=0)
-    temperature = json.loads(exported_tree.metrics_file.read_text())["calibration"]["temperature"]
-    assert temperature != pytest.approx(1, abs=1e-3)
+    record = json.loads(exported_tree.metrics_file.read_text())["calibration"]
+    temperature = record["temperature"]
+    assert record["decision"] == "kept" and temperature != pytest.approx(1, abs=1e-3)
+    card = json.loads((exported_tree.export_dir / "model_card.json").read_text())
+    assert card["calibration"] == record and record["reason"] in card["output"]["meaning"]
+    assert f"Temperature T = {temperature:.4f} kept" in record["reason"]
     expected = softmax(np.log(uncalibrated.astype(np.float64)) / temperature, axis=1)
     np.testing.assert_allclose(model.predict(raw, verbose=0), expected, atol=1e-5)
     # called directly, without training=False, it serves the same (BatchNorm on its moving statistics)
@@ -107,6 +112,7 @@ def test_model_card_describes_the_model(exported_tree):
     assert card["serving_signature"] == "serving_default"
     assert card["calibration"] == json.loads(exported_tree.metrics_file.read_text())["calibration"]
     assert f"{card['calibration']['temperature']:.4f}" in card["output"]["meaning"]
+    assert "(T = 1 kept: " in card["output"]["meaning"]  # and why: scaling did not help on held-out val images
     assert card["metrics"]["test"]["accuracy"] == json.loads(exported_tree.metrics_file.read_text())["test"]["accuracy"]
     assert card["parity"]["tflite_int8"]["agreement"] == pytest.approx(
         json.loads((exported_tree.reports_dir / "export_parity.json").read_text())["tflite_int8"]["agreement"])
@@ -155,16 +161,16 @@ def test_subset_of_formats(exported_tree, tmp_path):
     assert not list(target.glob(".export.*"))
 
 
-def test_flip_tta_is_evaluated_exported_and_exact(trained_tree, tmp_path):
+def test_flip_tta_is_evaluated_exported_and_exact(calibrated_tree, tmp_path):
     """evaluate.tta_flip: evaluate reports both numbers, export serves the averaged model, parity holds."""
     from headstart.model import with_flip_tta
     from tasks import evaluate
 
     target = tmp_path / "tta"
-    shutil.copytree(trained_tree.root, target, ignore=shutil.ignore_patterns("cache", "backbone", "export"))
-    (target / "data" / "backbone").symlink_to(trained_tree.backbone_dir, target_is_directory=True)
+    shutil.copytree(calibrated_tree.root, target, ignore=shutil.ignore_patterns("cache", "backbone", "export"))
+    (target / "data" / "backbone").symlink_to(calibrated_tree.backbone_dir, target_is_directory=True)
     layout = Layout(target)
-    params = trained_params(target, evaluate={"tta_flip": True}, export={"formats": ["keras", "tflite_float32"]})
+    params = calibrated_params(target, evaluate={"tta_flip": True}, export={"formats": ["keras", "tflite_float32"]})
     metrics = evaluate.run(params, layout)
     parity = export.run(params, layout)
 
@@ -188,7 +194,7 @@ def test_flip_tta_is_evaluated_exported_and_exact(trained_tree, tmp_path):
     resized = np.concatenate(list(image_dataset(paths, None, info["image_size"], 64).as_numpy_iterator()))
     passes = np.stack([classifier.predict(resized, verbose=0), classifier.predict(resized[:, :, ::-1], verbose=0)])
     temperature = metrics["calibration"]["temperature"]
-    assert metrics["calibration"]["fitted"] and temperature != pytest.approx(1, abs=1e-3)
+    assert metrics["calibration"]["decision"] == "kept" and temperature != pytest.approx(1, abs=1e-3)
     served = exported.predict(np.stack([load_rgb(p) for p in paths]), verbose=0)
     np.testing.assert_allclose(served, softmax(np.log(passes.astype(np.float64)) / temperature, axis=-1).mean(0),
                                atol=1e-5)

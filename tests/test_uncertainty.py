@@ -24,8 +24,10 @@ from headstart.uncertainty import (
     compare_predictions,
     confusion_counts,
     parse_predictions,
+    per_class_intervals,
     read_predictions,
     scores,
+    wilson_interval,
     write_predictions,
 )
 from tests.conftest import FASHION_CLASSES
@@ -72,9 +74,10 @@ def test_intervals_contain_the_estimate_and_narrow_with_more_images(predictions)
         recall = recall_score(y, p, labels=np.arange(CLASSES), average=None, zero_division=0)
         assert found.accuracy[0] < accuracy_score(y, p) < found.accuracy[1]
         assert found.macro_f1[0] < f1_score(y, p, average="macro") < found.macro_f1[1]
-        assert np.all((found.recall[:, 0] <= recall) & (recall <= found.recall[:, 1]))
+        wilson = per_class_intervals(y, p, CLASSES)
+        assert np.all((wilson["recall_low"] <= recall) & (recall <= wilson["recall_high"]))
         widths[n] = (found.accuracy[1] - found.accuracy[0], found.macro_f1[1] - found.macro_f1[0],
-                     found.recall[:, 1] - found.recall[:, 0])
+                     wilson["recall_high"] - wilson["recall_low"])
     assert widths[1000][0] < 0.7 * widths[200][0] and widths[1000][1] < 0.7 * widths[200][1]
     assert np.mean(widths[1000][2]) < 0.7 * np.mean(widths[200][2])
 
@@ -86,9 +89,26 @@ def test_the_seed_fixes_the_interval_whatever_the_block_size(predictions, monkey
     monkeypatch.setattr(uncertainty, "BLOCK_CELLS", 7 * len(labels))  # 43 blocks of 7 resamples, then 6
     blocked = bootstrap_intervals(labels, predicted, CLASSES, 300, seed=3)
     assert blocked.accuracy == whole.accuracy and blocked.macro_f1 == whole.macro_f1
-    np.testing.assert_array_equal(blocked.recall, whole.recall)
     assert whole.as_metrics() == {"accuracy": {"low": whole.accuracy[0], "high": whole.accuracy[1]},
                                   "macro_f1": {"low": whole.macro_f1[0], "high": whole.macro_f1[1]}}
+
+
+def test_wilson_intervals_are_not_degenerate_at_none_or_all_right() -> None:
+    """144 of 144 right does not make a recall certain: the bootstrap says [1, 1], Wilson about [0.974, 1]."""
+    found = wilson_interval(np.array([0, 144, 3, 5, 0]), np.array([144, 144, 3, 10, 0]))
+    assert found[0][0] == 0 and 0.02 < found[0][1] < 0.03
+    assert found[1][1] == pytest.approx(1) and 0.97 < found[1][0] < 0.98
+    assert found[2][0] < 0.5  # 3 of 3 is weak evidence
+    assert found[3] == pytest.approx([0.2366, 0.7634], abs=1e-4)  # the textbook Wilson interval of 5/10
+    assert np.isnan(found[4]).all()  # no images: nothing to estimate
+    labels = np.array([0] * 20 + [1] * 20 + [2] * 5)
+    predicted = np.array([0] * 20 + [0] * 5 + [1] * 15 + [0] * 5)  # class 0 all found, class 2 never
+    table = per_class_intervals(labels, predicted, 4)
+    assert table.loc[0, "recall_low"] > 0.8 and table.loc[0, "recall_high"] == pytest.approx(1)
+    assert table.loc[2, "recall_low"] == 0 and table.loc[2, "recall_high"] > 0.4
+    assert table.loc[1, "precision_low"] > 0.75 and table.loc[1, "precision_high"] == pytest.approx(1)
+    assert np.isnan(table.loc[2, "precision_low"]) and table.loc[3].isna().all()
+    assert table.loc[0, "precision_high"] < 1  # 20 of 30 predicted as class 0 are right
 
 
 AWKWARD = ["0", "NA", "ankle boot", "p:x", "été, \"quoted\"", "", "null", "1.0", "True", "-"]
