@@ -223,8 +223,9 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    formats: list[Literal["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"]] = Field(
-        ["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"],
+    formats: list[Literal["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8", "onnx",
+                          "openvino"]] = Field(
+        ["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8", "onnx", "openvino"],
         min_length=1,
         description="Formats written to models/export; `headstart predict` reads any of them.",
     )
