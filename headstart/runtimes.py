@@ -54,10 +54,11 @@ def available(runtime: str) -> bool:
     return True
 
 
-def resolve(setting: str, precision: str = "f32", key: str = "runtime") -> str:
-    """The runtime `setting` names: auto is OpenVINO where installed, else TensorFlow (f32 only)."""
+def resolve(setting: str, precision: str = "f32", key: str = "runtime", gpu: bool = False) -> str:
+    """The runtime `setting` names: auto is OpenVINO where installed, else TensorFlow (f32 only; always on a GPU,
+    which OpenVINO's CPU plugin would leave idle)."""
     if setting == "auto":
-        if available("openvino"):
+        if available("openvino") and not (gpu and precision == "f32"):
             return "openvino"
         if precision != "f32":
             raise RuntimeUnavailable(f"{key}: auto with precision {precision} needs OpenVINO, which is not installed: "
