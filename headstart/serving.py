@@ -246,11 +246,39 @@ def _runtime_runner(runtime: str, path: Path) -> Callable[[np.ndarray], np.ndarr
     return lambda batch: run(batch)[0]
 
 
-def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
-    """A predictor for an exported `.keras` file, SavedModel directory, `.tflite`, `.onnx` or OpenVINO `.xml` file."""
+TWINS = {"openvino": "openvino", "onnxruntime": "onnx"}  # runtime -> the export format it runs
+
+
+def twin(path: Path, runtime: str) -> Path:
+    """The model that serves a `.keras` or SavedModel export on `runtime`: the same export folder's OpenVINO or
+    ONNX file (written from the same model and parity-checked against it by the export stage). `auto` takes
+    the OpenVINO file where OpenVINO is installed and the file is there, else the model as given."""
+    tensorflow_format = path.is_dir() or path.suffix == ".keras"
+    if runtime == "tensorflow" or (runtime == "auto" and not tensorflow_format):
+        return path
+    own = {".onnx": "onnxruntime", ".xml": "openvino"}.get(path.suffix, "tensorflow")
+    if not tensorflow_format:
+        if runtime != own:
+            raise ModelFormatError(f"{path}: --runtime {runtime} cannot run this file (it runs on {own}); "
+                                   f"pass --runtime {own} or auto, or --model the export folder's model.keras")
+        return path
+    if runtime == "auto":
+        candidate = _beside(path, FILES["openvino"])[-1]
+        return candidate if runtimes.available("openvino") and candidate.exists() else path
+    candidate = _beside(path, FILES[TWINS[runtime]])[-1]
+    if not candidate.exists():
+        raise FileNotFoundError(f"--runtime {runtime}: no {candidate.name} beside {path}: export it (export.formats: "
+                                f"{TWINS[runtime]}) or pass --runtime tensorflow")
+    return candidate
+
+
+def load_predictor(path: str | Path, threads: int | None = None, runtime: str = "tensorflow") -> Predictor:
+    """A predictor for an exported `.keras` file, SavedModel directory, `.tflite`, `.onnx` or OpenVINO `.xml` file,
+    on `runtime` (see `twin`; tensorflow runs every format as given)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model {path} not found: run `headstart export` or pass --model")
+    path = twin(path, runtime)
     if path.is_dir():
         if not (path / "saved_model.pb").exists():
             raise ModelFormatError(f"{path} is a directory without saved_model.pb: pass a SavedModel directory")

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify images, folders or URLs with an exported model")
     predict.add_argument("inputs", nargs="+", metavar="PATH|DIR|URL")
     predict.add_argument("--model", default="models/export/model.keras", help="any exported format")
+    predict.add_argument("--runtime", choices=("auto", "tensorflow", "openvino", "onnxruntime"), default="auto",
+                         help="runs a .keras/SavedModel export: openvino/onnxruntime use the export folder's "
+                         "model.xml/model.onnx; auto: model.xml where OpenVINO is installed, else TensorFlow")
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     predict.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest URL download (default: 20 MiB)")
