@@ -1,8 +1,9 @@
 """Inference runtimes side by side: the features stage, evaluate and `headstart predict` on TensorFlow,
 OpenVINO (f32) and ONNX Runtime, as ratios to TensorFlow, with each runtime's parity.
 
-One project tree at the default setting (packaged MobileNetV2 at 96 px) on real Fashion-MNIST images
-(`--per-class` train images of each of the 10 classes, written as class folders), trained once (one
+Two project trees at the default setting (packaged MobileNetV2 at 96 px) on real Fashion-MNIST images
+(train images of each of the 10 classes, written as class folders): one of `--features-per-class` images
+per class, downloaded and split, for the features stage; one of `--per-class`, trained once (one
 fine-tuning epoch: this bench is about inference) and exported as keras, onnx and openvino. Then
 `--rounds` rounds, each running every measurement once per runtime in an order that rotates from
 round to round, every run a fresh `headstart` process (so imports and model loading count, as they
@@ -39,11 +40,13 @@ import yaml  # noqa: E402
 from datasets import FASHION_CLASSES, FASHION_DIR, read_idx, write_folders  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
+from headstart.data.manifest import read_split_manifest  # noqa: E402
 from headstart.layout import Layout  # noqa: E402
 from headstart.runtimes import RUNTIMES, available  # noqa: E402
 from headstart.uncertainty import PROBABILITY_PREFIX  # noqa: E402
 
 HEADSTART = [sys.executable, "-m", "tasks.cli"]
+MEASURES = ("features", "evaluate", "predict_200", "predict_1")
 
 
 def _source(root: Path, per_class: int) -> Path:
@@ -64,20 +67,21 @@ def _headstart(root: Path, *args: str) -> tuple[float, str, str]:
     return seconds, done.stdout, done.stderr
 
 
-def _build(work: Path, per_class: int) -> Layout:
-    layout = Layout(work / "project")
-    if (layout.export_dir / "model.xml").exists():
+def _build(work: Path, per_class: int, name: str, stages: tuple[str, ...]) -> Layout:
+    layout = Layout(work / name)
+    if (layout.root / ".complete").exists():
         return layout
-    source = _source(work / "source", per_class)
+    source = _source(work / f"source_{per_class}", per_class)
     layout.root.mkdir(parents=True, exist_ok=True)
     params = {"download": {"source": str(source)}, "features": {"image_size": 96},
               "finetune": {"epochs": 1, "top_blocks": 2},
               "evaluate": {"gradcam_per_class": 0},
               "export": {"formats": ["keras", "onnx", "openvino"]}}
     (layout.root / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("download", "split", "features", "train_head", "finetune", "evaluate", "export"):
+    for stage in stages:
         seconds, _, _ = _headstart(layout.root, stage)
-        print(f"setup: {stage} {seconds:.0f} s", flush=True)
+        print(f"setup: {name} {stage} {seconds:.0f} s", flush=True)
+    (layout.root / ".complete").touch()
     return layout
 
 
@@ -109,12 +113,16 @@ def _parity(output: np.ndarray, reference: np.ndarray, scale: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=200)
+    parser.add_argument("--features-per-class", type=int, default=60)
+    parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/headstart-runtimes-bench"))
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     runtimes = [r for r in RUNTIMES if available(r)]
-    layout = _build(args.work, args.per_class)
+    layout = _build(args.work, args.per_class, "project",
+                    ("download", "split", "features", "train_head", "finetune", "evaluate", "export"))
+    small = _build(args.work, args.features_per_class, "features_project", ("download", "split"))
     manifest = pd.read_csv(layout.split_manifest)
     test = manifest[manifest["split"] == "test"]
     folder = args.work / "predict_200"
@@ -124,12 +132,13 @@ def main() -> None:
             shutil.copy(layout.root / path, folder / f"{Path(path).parent.name}_{Path(path).name}")
     one = [str(sorted(folder.iterdir())[0])]
 
-    measures = {
-        "features stage": lambda rt: _features(layout, rt),
+    every = {
+        "features stage": lambda rt: _features(small, rt),
         "evaluate stage": lambda rt: _evaluate(layout, rt),
         "predict, 200 images": lambda rt: _predict(layout, [str(folder)], rt),
         "predict, 1 image": lambda rt: _predict(layout, one, rt),
     }
+    measures = {name: every[name] for name, key in zip(every, MEASURES, strict=True) if key in args.measures}
     seconds: dict[tuple[str, str], list[float]] = {}
     rates: dict[str, list[float]] = {}
     worst: dict[tuple[str, str], float] = {}
@@ -168,14 +177,17 @@ def main() -> None:
             })
     table = pd.DataFrame(rows)
     cores = os.cpu_count()
-    header = (f"{len(manifest)} Fashion-MNIST images ({len(test)} test), packaged MobileNetV2 at 96 px, {cores} CPU "
-              f"cores, median of {args.rounds} rounds (runtimes alternating), every run a fresh `headstart` process")
+    features_images = len(read_split_manifest(small.split_manifest))
+    header = (f"features stage on {features_images} Fashion-MNIST images (empty cache), evaluate on the val + test "
+              f"splits of a {len(manifest)}-image tree ({len(test)} test), predict on 200 of its test images and on "
+              f"one; packaged MobileNetV2 at 96 px, {cores} CPU cores, median of {args.rounds} rounds (runtimes "
+              "alternating), every run a fresh `headstart` process")
     print(header + "\n\n" + table.to_markdown(index=False))
     if args.write_docs:
         write_section("runtimes", "\n".join([
             "## Inference runtimes (bench/runtimes_bench.py)", "",
-            f"`.venv/bin/python bench/runtimes_bench.py --per-class {args.per_class} --rounds {args.rounds} "
-            "--write-docs`: " + header + ". Parity is the largest difference from TensorFlow's output in the same "
+            f"`.venv/bin/python bench/runtimes_bench.py --per-class {args.per_class} --features-per-class "
+            f"{args.features_per_class} --rounds {args.rounds} --measures {' '.join(args.measures)} --write-docs`: " + header + ". Parity is the largest difference from TensorFlow's output in the same "
             "round (features: as a fraction of the largest feature; probabilities: absolute), over all rounds; "
             "top-1 agreement is the lowest over the rounds.", "",
             table.to_markdown(index=False), ""]))
