@@ -28,6 +28,7 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score  # noqa: E402
 
 from headstart.audit import SplitRows, leakage_table, out_of_fold_probabilities, suspect_table  # noqa: E402
 from headstart.calibration import calibrate, ece_intervals, split_scores, write_reliability  # noqa: E402
+from headstart.conversion import runner  # noqa: E402
 from headstart.data.artifacts import (  # noqa: E402
     load_model,
     load_split,
@@ -90,7 +91,8 @@ def main() -> None:
     plain = load_model(layout.finetune_model, "finetune")
     rows: list[tuple[str, float]] = []
 
-    seconds, probs = _timed(lambda: {s: predict_images(plain, layout, frames[s], info, params.features.batch_size)
+    run = runner(plain, [None, info.image_size, info.image_size, 3], "tensorflow")
+    seconds, probs = _timed(lambda: {s: predict_images(run, layout, frames[s], info, params.features.batch_size)[0]
                                      for s in ("val", "test")})
     rows.append(("baseline: predict val + test with the final model", seconds))
     y = {s: frames[s]["y"].to_numpy() for s in ("val", "test")}

@@ -95,6 +95,9 @@ class SplitParams(_Section):
         return self
 
 
+Runtime = Literal["auto", "tensorflow", "openvino", "onnxruntime"]
+
+
 class FeaturesParams(_Section):
     backbone: str = Field("mobilenet_v2_tv", description="A name from `headstart backbones`.")
     weights: str = Field(
@@ -110,6 +113,20 @@ class FeaturesParams(_Section):
     augment_seed: int = 0
     shard_size: int = Field(512, ge=1, description="Images per cache shard written at once.")
     mixed_precision: bool = False
+    runtime: Runtime = Field(
+        "auto", description="Runs the backbone: auto = OpenVINO where installed (TensorFlow on a GPU), else "
+        "TensorFlow; the first batch is checked against TensorFlow.",
+    )
+    precision: Literal["f32", "bf16"] = Field(
+        "f32", description="bf16: OpenVINO only, about 2x faster on CPUs with AVX512_BF16/AMX, features a few "
+        "percent off f32 (cached apart; accuracy in docs/benchmarks.md).",
+    )
+
+    @model_validator(mode="after")
+    def _bf16_on_openvino(self) -> FeaturesParams:
+        if self.precision == "bf16" and self.runtime not in ("auto", "openvino"):
+            raise ValueError(f"precision bf16 runs on OpenVINO only: set runtime to openvino or auto, not {self.runtime}")
+        return self
 
 
 class TrainHeadParams(_Section):
@@ -257,11 +274,14 @@ class EvaluateParams(_Section):
                                    "figure, after the mistakes' gallery; 0 turns the figure off.")
     gradcam_layer: str | None = Field(None, description="Backbone layer Grad-CAM explains; null: the last conv "
                                       "block's map, which the classifier pools.")
+    runtime: Runtime = Field("auto", description="Runs the final model on val/test (f32): auto = OpenVINO where "
+                             "installed, else TensorFlow; the first batch is checked against TensorFlow.")
 
 
 class ExportParams(_Section):
-    formats: list[Literal["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"]] = Field(
-        ["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"],
+    formats: list[Literal["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8", "onnx",
+                          "openvino"]] = Field(
+        ["keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8", "onnx", "openvino"],
         min_length=1,
         description="Formats written to models/export; `headstart predict` reads any of them.",
     )

@@ -2,7 +2,8 @@
 
 Every exported format takes raw uint8 RGB images of any size (resizing and preprocessing live
 inside the model), so this module only decodes images (`headstart.data.images.load_rgb`), fetches
-URLs and runs the model through the loaders of `headstart.serving`, the export contract.
+URLs and runs the model through the loaders of `headstart.serving`, the export contract. `--runtime auto`
+serves a `.keras` export with its OpenVINO twin (`serving.twin`), without importing TensorFlow.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
         from headstart.explain import overlay_writer
 
         explain = overlay_writer(model, args.explain_layer, Path(args.explain))
-    predictor = load_predictor(model)
+    predictor = load_predictor(model, runtime=args.runtime)
     if predictor.image_size is None:
         print(f"headstart predict: warning: no {MODEL_CARD} beside {args.model}, so its input size is "
               "unknown: images are decoded at full size (more memory; large photos come out slightly "

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="champion (default: models/champion, the promoted model), a registry version (v3, "
                               "headstart-classifier@v3), or the path of any exported format")
     predict.add_argument("--root", default=".", help="project root holding models/ (default: .)")
+    predict.add_argument("--runtime", choices=("auto", "tensorflow", "openvino", "onnxruntime"), default="auto",
+                         help="runs a .keras/SavedModel export: openvino/onnxruntime use the export folder's "
+                         "model.xml/model.onnx; auto: model.xml where OpenVINO is installed, else TensorFlow")
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     predict.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest URL download (default: 20 MiB)")

@@ -27,6 +27,7 @@ from headstart.calibration import (
     split_scores,
     write_reliability,
 )
+from headstart.conversion import runner
 from headstart.data.artifacts import (
     FeaturesInfo,
     ModelInfo,
@@ -44,6 +45,7 @@ from headstart.metrics import classification_metrics, per_class_report
 from headstart.model import flip_tta_passes, with_flip_tta
 from headstart.params import EvaluateParams, Params
 from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
+from headstart.runtimes import Runner, resolve
 from headstart.serving import serving_model
 from headstart.uncertainty import bootstrap_intervals, format_interval, per_class_intervals, write_predictions
 
@@ -76,11 +78,13 @@ def _split_rows(layout: Layout, classes: list[str]) -> dict[str, pd.DataFrame]:
     return {split: frame for split, frame in rows.items() if not frame.empty}
 
 
-def predict_images(model: keras.Model, layout: Layout, rows: pd.DataFrame, info: ModelInfo,
-                   batch_size: int) -> np.ndarray:
+def predict_images(run: Runner, layout: Layout, rows: pd.DataFrame, info: ModelInfo,
+                   batch_size: int) -> list[np.ndarray]:
+    """Each output of the model `run` runs (conversion.runner), over the rows' images."""
     paths = [str(layout.root / path) for path in rows["path"]]
     dataset = image_dataset(paths, None, info.image_size, batch_size, info.interpolation)
-    return model.predict(dataset, verbose=0)
+    batches = [run(batch.numpy()) for batch in dataset]
+    return [np.concatenate(output) for output in zip(*batches, strict=True)]
 
 
 def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, confusions: pd.DataFrame,
@@ -160,6 +164,8 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
     classes = info.classes
     head = load_model(layout.head_model, "train_head")
     model = flip_tta_passes(with_flip_tta(plain)) if p.tta_flip else plain  # the passes export will serve
+    run = runner(model, [None, info.image_size, info.image_size, 3], resolve(p.runtime, key="evaluate.runtime"),
+                 what="evaluate")
     metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": info.fine_tuned,
                                "tta_flip": p.tta_flip, "head": {}}
     if p.tta_flip:
@@ -174,8 +180,7 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
                     f"{npz} does not hold the {split} split of {layout.split_manifest}: rerun the features stage"
                 )
         metrics["head"][split] = classification_metrics(labels, head.predict(features, verbose=0), p.top_k)
-        passes[split] = np.stack(keras.tree.flatten(predict_images(model, layout, frame, info,
-                                                                   params.features.batch_size)))
+        passes[split] = np.stack(predict_images(run, layout, frame, info, params.features.batch_size))
     truth = {split: frame["y"].to_numpy() for split, frame in rows.items()}
     metrics["calibration"] = calibrate(truth, passes, p)
     calibration = metrics["calibration"]["reason"]

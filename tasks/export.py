@@ -2,8 +2,9 @@
 
 The exported model takes uint8 RGB images of any size: Input (None, None, 3) uint8 -> cast ->
 the same Keras `Resizing` layer the data pipeline uses -> the classifier (preprocessing inside).
-Formats: `.keras`, a SavedModel with a named serving signature, and TFLite float32 / float16 /
-full-integer int8 (calibrated on a sample of the train split). A parity check runs every format
+Formats: `.keras`, a SavedModel with a named serving signature, TFLite float32 / float16 /
+full-integer int8 (calibrated on a sample of the train split), ONNX (tf2onnx; ONNX Runtime) and OpenVINO
+IR (f32 weights; run at f32). A parity check runs every format
 through `headstart.serving`'s loaders (predict's too) on the test split; float formats that disagree with Keras on
 more than `1 - export.min_float_agreement` of the images fail the stage. Every format carries the
 softmax temperature evaluate chose (metrics.json `calibration.temperature`: 1 unless scaling lowered the
@@ -17,7 +18,7 @@ import logging
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from headstart.files import atomic_directory, atomic_write_json, remove_stale_te
 from headstart.layout import Layout
 from headstart.model import with_flip_tta
 from headstart.params import Params
+from headstart.runtimes import RuntimeUnavailable, available, install_hint
 from headstart.serving import (
     FILES,
     INPUT_NAME,
@@ -41,15 +43,19 @@ from headstart.serving import (
     OUTPUT_NAME,
     SIGNATURE,
     Predictor,
+    files_of,
     keras_runner,
     load_predictor,
     serving_model,
+    write_onnx,
+    write_openvino,
     write_saved_model,
 )
 
 log = logging.getLogger(__name__)
 
-FLOAT_FORMATS = ("keras", "saved_model", "tflite_float32", "tflite_float16")
+FLOAT_FORMATS = ("keras", "saved_model", "tflite_float32", "tflite_float16", "onnx", "openvino")
+RUNTIME_OF = {"onnx": "onnxruntime", "openvino": "openvino"}  # formats whose parity check needs that package
 PARITY_BATCH = 32
 
 
@@ -132,8 +138,10 @@ def check_float_agreement(parity: dict[str, Any], minimum: float, report: Path) 
         )
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+def _size(fmt: str, path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in files_of(fmt, path))
 
 
 def code_hashes() -> dict[str, str]:
@@ -163,7 +171,7 @@ def model_card(params: Params, layout: Layout, info: ModelInfo, files: dict[str,
                    "shape": [None, len(info.classes)], "meaning": "softmax probabilities in labels.txt order, temperature-scaled by "
                               f"calibration.temperature = {calibration.temperature:.4f} ({calibration.reason})"},
         "serving_signature": SIGNATURE,
-        "files": {fmt: {"path": FILES[fmt], "bytes": _size(path)} for fmt, path in files.items()},
+        "files": {fmt: {"path": FILES[fmt], "bytes": _size(fmt, path)} for fmt, path in files.items()},
         "params": params.model_dump(mode="json"),
         "metrics": metrics,
         "parity": parity,
@@ -177,9 +185,17 @@ def model_card(params: Params, layout: Layout, info: ModelInfo, files: dict[str,
     }
 
 
+def _check_runtimes(formats: Sequence[str]) -> None:
+    missing = [f"{fmt} needs {RUNTIME_OF[fmt]} ({install_hint(RUNTIME_OF[fmt])})" for fmt in formats
+               if fmt in RUNTIME_OF and not available(RUNTIME_OF[fmt])]
+    if missing:
+        raise RuntimeUnavailable(f"export.formats: {'; '.join(missing)}; or remove the format from export.formats")
+
+
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.export
     remove_stale_temps(*layout.outputs("export"))
+    _check_runtimes(p.formats)
     info = read_model_info(layout)
     classes = info.classes
     image_size = info.image_size
@@ -212,11 +228,16 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                     log.info("export: converting %s", fmt)
                     (staging / FILES[fmt]).write_bytes(convert_tflite(saved_model, fmt, calibration))
                     exported[fmt] = staging / FILES[fmt]
+            for fmt, write in (("onnx", write_onnx), ("openvino", write_openvino)):
+                if fmt in p.formats:
+                    log.info("export: converting %s", fmt)
+                    write(model, staging / FILES[fmt])
+                    exported[fmt] = staging / FILES[fmt]
 
             parity = parity_check(reference, exported, images, labels)
             parity["min_float_agreement"] = p.min_float_agreement
             for fmt, path in exported.items():
-                parity[fmt]["bytes"] = _size(path)
+                parity[fmt]["bytes"] = _size(fmt, path)
             card = model_card(params, layout, info, exported, parity, image_size, scaling)
             atomic_write_json(staging / MODEL_CARD, card)
             atomic_write_json(layout.export_parity, parity)

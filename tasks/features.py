@@ -4,7 +4,9 @@ The cache (`layout.feature_cache_dir`, kept across runs, not a DVC out) is conte
 namespace per `backbone.cache_id` (backbone, weights sha256, input size, preprocessing; plus the
 augmentation recipe and seed for augmented views), and inside it one key per image sha256 (plus
 view number). So adding images computes only the new ones, renaming or moving a file computes
-nothing, and changing the backbone or size starts a new namespace.
+nothing, and changing the backbone or size starts a new namespace. The backbone runs on `features.runtime`
+(headstart/runtimes.py); f32 runtimes agree with TensorFlow to 1e-4 of the features' scale (checked on the
+first batch) and share a namespace, while bf16 features get their own (`|bf16`), never mixing with f32 ones.
 
 The cache itself is headstart/data/feature_cache.py.
 
@@ -32,6 +34,7 @@ from rich.progress import Progress
 
 from headstart.backbones.loading import build_feature_extractor, load_backbone
 from headstart.backbones.registry import Backbone
+from headstart.conversion import runner
 from headstart.data.artifacts import FeaturesInfo, write_info
 from headstart.data.datasets import image_dataset, resizing_layer
 from headstart.data.feature_cache import ShardCache, write_npz_streaming
@@ -48,6 +51,7 @@ from headstart.layout import Layout
 from headstart.params import FeaturesParams, Params
 from headstart.progress import count_progress
 from headstart.runtime import mixed_precision
+from headstart.runtimes import resolve
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +73,12 @@ class _Job:
     description: str
 
 
-class _Extractor:
-    """The backbone as one traced function, built only when something has to be computed."""
-
-    def __init__(self, backbone: Backbone) -> None:
-        model = build_feature_extractor(backbone)
-        spec = tf.TensorSpec([None, backbone.image_size, backbone.image_size, 3], tf.float32)
-        self.fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), input_signature=[spec],
-                              autograph=False)
-
-    def __call__(self, batch: tf.Tensor) -> np.ndarray:
-        return self.fn(batch).numpy()
+def _extractor(backbone: Backbone, runtime: str, precision: str) -> Callable[[tf.Tensor], np.ndarray]:
+    """The backbone on `runtime`, built only when something has to be computed; its first batch is checked
+    against TensorFlow."""
+    size = backbone.image_size
+    run = runner(build_feature_extractor(backbone), [None, size, size, 3], runtime, precision, "features")
+    return lambda batch: run(batch.numpy())[0]
 
 
 def _dataset(job: _Job, backbone: Backbone, batch_size: int) -> tf.data.Dataset:
@@ -131,8 +130,9 @@ def _check_files(files: Iterable[tuple[str, str]]) -> None:
 # ---------------------------------------------------------------- stage
 
 
-def _namespace(backbone: Backbone, mixed: bool) -> str:
-    return f"{backbone.cache_id}|{DECODE_ID}" + ("|mixed_float16" if mixed else "")
+def _namespace(backbone: Backbone, mixed: bool, precision: str) -> str:
+    return (f"{backbone.cache_id}|{DECODE_ID}" + ("|mixed_float16" if mixed else "")
+            + ("" if precision == "f32" else f"|{precision}"))
 
 
 def _load_backbone(params: FeaturesParams, image_size: int | None, layout: Layout, mixed: bool) -> Backbone:
@@ -205,8 +205,10 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     if p.mixed_precision and not gpus:
         log.warning("features.mixed_precision ignored: no GPU (float16 is slower than float32 on CPU)")
     backbone = _load_backbone(p, effective_settings(params).image_size, layout, mixed)
-    namespace = _namespace(backbone, mixed)
-    log.info("features: cache namespace %s, running on %s", namespace, "GPU" if gpus else "CPU")
+    runtime = resolve(p.runtime, p.precision, "features.runtime", gpu=bool(gpus))
+    namespace = _namespace(backbone, mixed, p.precision)
+    log.info("features: cache namespace %s, running on %s (%s, %s)", namespace, "GPU" if gpus else "CPU", runtime,
+             p.precision)
     lap("backbone")
 
     base = ShardCache(layout.feature_cache_dir, namespace)
@@ -219,7 +221,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 
     computed = {job.description: 0 for job in jobs}
     if any(job.keys for job in jobs):
-        extract = _Extractor(backbone)
+        extract = _extractor(backbone, runtime, p.precision)
         with count_progress() as progress:
             for job in jobs:
                 if job.keys:
@@ -237,6 +239,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     lap("write")
 
     stats = _stats(manifest, p.augmented_views, computed, base.dropped + (views.dropped if views else 0), timings)
+    stats["runtime"] = f"{runtime} {p.precision}"
     log.info("features: %s", json.dumps(stats))
     return stats
 

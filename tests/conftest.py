@@ -78,10 +78,13 @@ def trained_tree(tmp_path_factory, fashion_arrays):
 @pytest.fixture(scope="session")
 def exported_tree(trained_tree):
     """`trained_tree` after the real evaluate and export stages (built once)."""
+    from headstart.runtimes import available
     from tasks import evaluate, export
     from tests.model_fixture import trained_params
 
-    params = trained_params(trained_tree.root)
+    # every format whose runtime is installed (OpenVINO and ONNX Runtime are optional for the suite)
+    formats = [fmt for fmt in export.FILES if available(export.RUNTIME_OF.get(fmt, "tensorflow"))]
+    params = trained_params(trained_tree.root, export={"formats": formats})
     evaluate.run(params, trained_tree)
     export.run(params, trained_tree)
     return trained_tree

@@ -1,0 +1,139 @@
+"""The inference runtimes beside TensorFlow: OpenVINO and ONNX Runtime, which runs what, and the parity rule.
+
+This module never imports TensorFlow, so `headstart predict` on a `.xml` or `.onnx` model starts in
+well under a second (TensorFlow's import alone takes about 5 s on a 2-core CPU); turning a Keras model
+into these formats is headstart/conversion.py.
+
+`auto` takes OpenVINO where it is installed, always at the precision asked for: left alone, OpenVINO runs
+bf16 on CPUs with AVX512_BF16 or AMX, so INFERENCE_PRECISION_HINT is always set. f32 OpenVINO and ONNX
+Runtime agree with TensorFlow to a few 1e-6 of the output's scale; bf16 differs by a few percent
+(docs/benchmarks.md, "Inference runtimes"), hence one tolerance per precision in `check_parity`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RUNTIMES = ("tensorflow", "openvino", "onnxruntime")
+PRECISIONS = ("f32", "bf16")
+_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+_INSTALL = {"openvino": "pip install openvino==2026.4.1", "onnxruntime": "pip install onnxruntime==1.32.0"}
+# max |runtime - TensorFlow| allowed, as a fraction of max |TensorFlow| over the checked batch. Measured on
+# MobileNetV2 features and probabilities (docs/benchmarks.md): f32 <= 4e-6, bf16 up to 0.16; a wrong
+# conversion (preprocessing, channel order, a missing constant) is off by the output's whole scale.
+TOLERANCE = {"f32": 1e-4, "bf16": 0.5}
+
+Runner = Callable[[np.ndarray], list[np.ndarray]]
+
+
+class RuntimeUnavailable(ValueError):
+    """A runtime was asked for by name but its package is not installed."""
+
+
+class RuntimeParityError(ValueError):
+    """A runtime's outputs differ from TensorFlow's beyond the tolerance of its precision."""
+
+
+def install_hint(runtime: str) -> str:
+    return _INSTALL[runtime]
+
+
+def available(runtime: str) -> bool:
+    """Whether the runtime's package imports (TensorFlow always does)."""
+    if runtime == "tensorflow":
+        return True
+    try:
+        importlib.import_module(_MODULES[runtime])
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(setting: str, precision: str = "f32", key: str = "runtime", gpu: bool = False) -> str:
+    """The runtime `setting` names: auto is OpenVINO where installed, else TensorFlow (f32 only; always on a GPU,
+    which OpenVINO's CPU plugin would leave idle)."""
+    if setting == "auto":
+        if available("openvino") and not (gpu and precision == "f32"):
+            return "openvino"
+        if precision != "f32":
+            raise RuntimeUnavailable(f"{key}: auto with precision {precision} needs OpenVINO, which is not installed: "
+                                     f"{_INSTALL['openvino']}, or set the precision to f32")
+        return "tensorflow"
+    if setting not in RUNTIMES:
+        raise ValueError(f"{key}: unknown runtime {setting!r}; use auto, {', '.join(RUNTIMES)}")
+    if precision != "f32" and setting != "openvino":
+        raise ValueError(f"{key}: precision {precision} runs on OpenVINO only, not {setting}: use openvino or auto")
+    if not available(setting):
+        raise RuntimeUnavailable(f"{key}: {setting} is not installed: {_INSTALL[setting]}, or use auto / tensorflow")
+    return setting
+
+
+def openvino_runner(model: Any, precision: str = "f32") -> Runner:
+    """An OpenVINO model (in memory, or an .xml/.onnx path) compiled for the CPU at `precision`, latency mode.
+
+    Threads are not pinned to cores: on a shared 2-core machine pinned threads waited for their busy core
+    (32 against 40 img/s unpinned, MobileNetV2 at 96 px, same process, alternating)."""
+    import openvino as ov
+    import openvino.properties.hint as hints
+
+    config = {hints.inference_precision: "bf16" if precision == "bf16" else "f32",
+              hints.performance_mode: hints.PerformanceMode.LATENCY, hints.enable_cpu_pinning: False}
+    compiled = ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU", config)
+    request = compiled.create_infer_request()
+    outputs = len(compiled.outputs)
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        request.infer({0: np.ascontiguousarray(batch)})
+        return [request.get_output_tensor(i).data.copy() for i in range(outputs)]
+
+    return run
+
+
+def onnx_runner(model: bytes | Path) -> Runner:
+    """An ONNX model (serialised bytes or a path) on ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model) if isinstance(model, Path) else model,
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: np.ascontiguousarray(batch)})
+
+
+def input_spec(runtime: str, path: Path) -> tuple[Any, Sequence[Any]]:
+    """(dtype, shape) of the first input of a saved OpenVINO or ONNX model, -1/None where dynamic."""
+    if runtime == "openvino":
+        import openvino as ov
+
+        port = ov.Core().read_model(str(path)).inputs[0]
+        shape = port.get_partial_shape()
+        return port.get_element_type().to_dtype(), [d.get_length() if d.is_static else None for d in shape]
+    import onnx
+
+    tensor = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), dims
+
+
+def parity(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """max |output - reference| over every output, as a fraction of max |reference| (1 when all zero)."""
+    diff = max(float(np.abs(np.asarray(o, np.float64) - r).max()) for o, r in zip(outputs, reference, strict=True))
+    scale = max(float(np.abs(r).max()) for r in reference)
+    return diff / scale if scale else diff
+
+
+def check_parity(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], runtime: str, precision: str,
+                 what: str) -> float:
+    """Raise RuntimeParityError when `outputs` differ from TensorFlow's `reference` beyond the precision's tolerance."""
+    found = parity(outputs, reference)
+    if found > TOLERANCE[precision]:
+        raise RuntimeParityError(
+            f"{what}: {runtime} ({precision}) differs from TensorFlow by {found:.2e} of the output scale on the first "
+            f"batch, above the {TOLERANCE[precision]:g} allowed at {precision}; nothing was written. "
+            "Set the runtime to tensorflow, and report the model and runtime versions"
+        )
+    return found
