@@ -460,3 +460,25 @@ def test_out_of_fold_heads_do_not_warn_of_tf_function_retracing(fashion_arrays, 
     assert folds == 6 and not np.isnan(probs).any()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert "retracing" not in caplog.text
+
+
+@pytest.mark.parametrize("entry, named", [
+    ({"kind": "idx"}, "broken.version"),                               # no version: its fingerprint needs one
+    ({"version": 1, "kind": "zip"}, "broken.kind"),                     # a kind the download stage has no reader for
+    ({"version": 1, "kind": "archive", "urll": "https://x"}, "broken.urll"),  # a typo is not silently ignored
+])
+def test_a_bad_preset_entry_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: dict, named: str) -> None:
+    """presets.yaml is read through a pydantic model, like params: a bad entry is one line naming the key."""
+    import yaml
+
+    from headstart.data.sources import presets
+
+    broken = tmp_path / "presets.yaml"
+    broken.write_text(yaml.safe_dump({**yaml.safe_load(presets.PRESETS_FILE.read_text()), "broken": entry}))
+    monkeypatch.setattr(presets, "PRESETS_FILE", broken)
+    presets._read_presets.cache_clear()
+    try:
+        with pytest.raises(presets.PresetError, match=rf"{broken}: {named}: "):
+            presets.load_presets()
+    finally:
+        presets._read_presets.cache_clear()

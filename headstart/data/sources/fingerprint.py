@@ -43,8 +43,6 @@ def source_fingerprint(params: DownloadParams, layout: Layout, cache: HashCache)
     content: dict[str, Any] = {"kind": kind}
     if kind == "preset":
         preset = presets[params.source]
-        if "version" not in preset:
-            raise DownloadError(f"preset {params.source!r} in presets.yaml has no version: add `version: 1`")
         content["preset"] = {"name": params.source, "version": preset["version"]}
     elif kind == "url":
         content["sha256"] = params.sha256 or _url_digest(params, layout, cache)

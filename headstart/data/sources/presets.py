@@ -11,18 +11,61 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from headstart.params import Params
 
 PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
 
 
+class DemoSettings(BaseModel):
+    """What "auto" means for a preset: a sample and an image size sized for a CPU run."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_images_per_class: int = Field(gt=0)
+    image_size: int = Field(ge=32)
+
+
+class Preset(BaseModel):
+    """One entry of presets.yaml, validated like params: an unknown key or a wrong type names the preset."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, description="Raise it when the data behind the preset changes (its fingerprint).")
+    kind: Literal["idx", "archive"]
+    url: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    base_url: str | None = None
+    files: dict[str, str] | None = None
+    local_dir: str | None = None
+    inner_archive: str | None = None
+    label_from: Literal["folder", "index", "regex"] = "folder"
+    label_regex: str | None = None
+    index_regex: str | None = None
+    images_per_class: int | None = Field(None, gt=0)
+    classes: list[str] | None = None
+    exclude_classes: list[str] = []
+    demo: DemoSettings | None = None
+
+
+class PresetError(ValueError):
+    """presets.yaml holds an entry the download stage cannot use."""
+
+
 @cache
 def _read_presets() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load(PRESETS_FILE.read_text())
+    """Every preset validated by `Preset`, as the plain mapping of the keys presets.yaml sets."""
+    presets: dict[str, dict[str, Any]] = {}
+    for name, entry in yaml.safe_load(PRESETS_FILE.read_text()).items():
+        try:
+            presets[name] = Preset.model_validate(entry).model_dump(exclude_unset=True)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in (name, *first["loc"]))
+            raise PresetError(f"{PRESETS_FILE}: {where}: {first['msg']}; fix that preset") from None
+    return presets
 
 
 def load_presets() -> dict[str, dict[str, Any]]:
