@@ -58,8 +58,9 @@ def build_head(feature_dim: int, num_classes: int, params: TrainHeadParams) -> k
 def build_classifier(backbone: Any, head: keras.Model) -> keras.Model:
     """Image (S, S, 3) float RGB 0..255 -> preprocessing -> frozen-mode backbone -> pooling -> head.
 
-    The base runs with `training=False`, so its BatchNorm layers stay in inference mode even when
-    unfrozen for fine-tuning. The head is the trained model itself, so its weights are shared.
+    The base is called with `training=False`, but in Keras 3 `fit`'s `training=True` overrides it: trainable
+    BatchNorm layers normalise by batch statistics while fine-tuning (`batch_norm: train`); non-trainable ones
+    (`batch_norm: frozen`) always run in inference mode. The head is the trained model itself, so its weights are shared.
     """
     size = backbone.image_size
     feature_dim = head.input_shape[-1]
@@ -100,6 +101,25 @@ def flip_tta_passes(tta: keras.Model) -> keras.Model:
     return keras.Model(tta.inputs, tta.get_layer("flip_tta_mean").input, name=f"{tta.name}_passes")
 
 
+class RandomQuarterTurn(layers.Layer):
+    """Rotate each square image by 0, 90, 180 or 270 degrees, drawn per image; identity outside training.
+
+    Exact (pixels move, none are interpolated). Only the training input pipeline uses it, never a saved model.
+    """
+
+    def __init__(self, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if not training:
+            return images
+        turns = keras.random.randint((tf.shape(images)[0],), 0, 4, seed=self.seed_generator)
+        rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)])  # (4, B, S, S, C): squares keep shape
+        choose = tf.one_hot(turns, 4, dtype=images.dtype)  # (B, 4)
+        return tf.einsum("kbhwc,bk->bhwc", rotated, choose)
+
+
 def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequential | None:
     """Random Keras preprocessing layers from params (each off at 0/'none'); None when all are off.
 
@@ -108,6 +128,8 @@ def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequentia
     steps: list[layers.Layer] = []
     if params.flip != "none":
         steps.append(layers.RandomFlip(params.flip, seed=seed))
+    if params.quarter_turns:
+        steps.append(RandomQuarterTurn(seed=seed + 5, name="random_quarter_turn"))
     if params.rotation:
         steps.append(layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
     if params.zoom:

@@ -139,7 +139,7 @@ def compile_for_finetuning(model: keras.Model, blocks: list[list], ft: FinetuneP
     optimizer, schedule and loss; returns the function that sets each epoch's per-block rates."""
     scales, release = block_scales(len(blocks), ft.unfreeze_epochs, ft.backbone_lr_multiplier)
     scaled = [(variable, scales[b]) for b, block in enumerate(blocks) for variable in block]
-    model.compile(optimizer=make_optimizer(ft, steps_per_epoch * ft.epochs, scaled),
+    model.compile(optimizer=make_optimizer(ft, steps_per_epoch * ft.epochs_for(steps_per_epoch), scaled),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=ft.label_smoothing),
                   metrics=["accuracy"], jit_compile=ft.jit_compile)
     model.optimizer.build(model.trainable_variables)

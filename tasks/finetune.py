@@ -31,7 +31,7 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
-from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints
+from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints, TimeCap
 from headstart.data.artifacts import (
     FeaturesInfo,
     HeadInfo,
@@ -125,6 +125,8 @@ def _fit(model: keras.Model, data: EpochData, ft: FinetuneParams, checkpoints: E
         checkpoints.stopper = keras.callbacks.EarlyStopping("val_loss", patience=ft.early_stopping_patience)
         callbacks.append(checkpoints.stopper)
     callbacks += [checkpoints, DVCLiveCallback(live=live)]
+    if ft.max_minutes is not None:
+        callbacks.append(TimeCap(ft.max_minutes))  # after the checkpoint: a capped epoch is kept
     model.fit(data.train, validation_data=data.val, initial_epoch=state["epochs_done"], epochs=ft.epochs,
               class_weight=weights, shuffle=False, verbose=0, callbacks=callbacks)
     state["stopped"] = bool(model.stop_training)
@@ -227,11 +229,12 @@ def _end_live(live: Live, info: dict[str, Any]) -> None:
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
-    ft = params.finetune
     require_trained_weights(params.features)
     checkpoints_of_each_key = [folder / "*" for folder in layout.checkpoint_dir.glob("*") if folder.is_dir()]
     remove_stale_temps(layout.finetune_dir, layout.image_cache_dir / "*", *checkpoints_of_each_key)
     inputs = _read_inputs(params, layout)
+    steps_per_epoch = math.ceil(inputs.n_train / params.finetune.batch_size)
+    ft = params.finetune.model_copy(update={"epochs": params.finetune.epochs_for(steps_per_epoch)})
 
     strategy = choose_strategy(ft.distribution if ft.enabled else "none")
     chief = is_chief(strategy)
@@ -240,7 +243,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         model, backbone = assemble(params, layout)
         _check_backbone(inputs.features_info, backbone)
         trainable, blocks = configure_trainable(model, backbone, ft)
-        release = compile_for_finetuning(model, blocks, ft, math.ceil(inputs.n_train / ft.batch_size))
+        release = compile_for_finetuning(model, blocks, ft, steps_per_epoch)
 
     images = cached_images([str(layout.root / p) for p in inputs.rows["path"]], list(inputs.rows["sha256"]),
                            backbone.image_size, backbone.spec.interpolation, layout.image_cache_dir)
