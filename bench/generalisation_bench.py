@@ -8,7 +8,7 @@ exact p-value. Fine-tuning should be significantly better than the head (p < 0.0
 significantly worse on none; the recipe's defaults are tuned by this table.
 
     .venv/bin/python bench/generalisation_bench.py [--root /tmp/headstart-generalisation] [--datasets digits faces]
-        [--set finetune.max_epochs=10] [--write-docs]
+        [--set finetune.max_epochs=10] [--write-docs] [--collect ROOT ...]
 """
 
 from __future__ import annotations
@@ -106,12 +106,15 @@ def main() -> int:
     parser.add_argument("--datasets", nargs="+", default=list(bench_datasets.BUILDERS), choices=list(bench_datasets.BUILDERS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--write-docs", action="store_true", help="update this bench's section of docs/benchmarks.md")
+    parser.add_argument("--collect", type=Path, nargs="+", metavar="ROOT",
+                        help="run nothing: tabulate the results.json of earlier runs (e.g. datasets run in parallel)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = dict(map(parse_override, args.overrides))
-    results = []
-    for name in args.datasets:
+    results = [r for root in args.collect for r in json.loads((root / "results.json").read_text())] if args.collect else []
+    for name in [] if args.collect else args.datasets:
         results.append(run_dataset(name, args.root, overrides))
+        args.root.mkdir(parents=True, exist_ok=True)
         (args.root / "results.json").write_text(json.dumps(results, indent=2))
         logging.info("bench: %s", json.dumps(results[-1]))
     command = " ".join(["python bench/generalisation_bench.py", *(f"--set {o}" for o in args.overrides)])
