@@ -102,3 +102,21 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.seconds.append(time.perf_counter() - self._start)
+
+
+class TimeCap(keras.callbacks.Callback):
+    """Stop after the epoch that passes `minutes` of training in this run (a CPU's guard, not the plan:
+    the step budget sets the schedule's length, and a capped run keeps its best epoch so far)."""
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__()
+        self.seconds, self.reached = minutes * 60.0, False
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if time.perf_counter() - self._start >= self.seconds and not self.model.stop_training:
+            log.warning("finetune: stopped after epoch %d, past the %.0f-minute cap (finetune.max_minutes)",
+                        epoch + 1, self.seconds / 60)
+            self.model.stop_training = self.reached = True

@@ -141,7 +141,7 @@ class Layout:
 
     @property
     def image_cache_dir(self) -> Path:
-        """Decoded, resized training images (uint8, memory-mapped), rebuilt when the images change."""
+        """Decoded, resized training images (float32, as evaluation sees them; memory-mapped), rebuilt when the images change."""
         return self.root / "data" / "cache" / "images"
 
     # evaluate

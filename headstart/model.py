@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -128,6 +128,25 @@ def flip_tta_passes(tta: keras.Model) -> keras.Model:
     return keras.Model(tta.inputs, tta.get_layer("flip_tta_mean").input, name=f"{tta.name}_passes")
 
 
+class RandomQuarterTurn(layers.Layer):
+    """Rotate each square image by 0, 90, 180 or 270 degrees, drawn per image; identity outside training.
+
+    Exact (pixels move, none are interpolated). Only the training input pipeline uses it, never a saved model.
+    """
+
+    def __init__(self, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if not training:
+            return images
+        turns = keras.random.randint((tf.shape(images)[0],), 0, 4, seed=self.seed_generator)
+        rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)])  # (4, B, S, S, C): squares keep shape
+        choose = tf.one_hot(turns, 4, dtype=images.dtype)  # (B, 4)
+        return tf.einsum("kbhwc,bk->bhwc", rotated, choose)
+
+
 def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequential | None:
     """Random Keras preprocessing layers from params (each off at 0/'none'); None when all are off.
 
@@ -136,6 +155,8 @@ def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequentia
     steps: list[layers.Layer] = []
     if params.flip != "none":
         steps.append(layers.RandomFlip(params.flip, seed=seed))
+    if params.quarter_turns:
+        steps.append(RandomQuarterTurn(seed=seed + 5, name="random_quarter_turn"))
     if params.rotation:
         steps.append(layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
     if params.zoom:

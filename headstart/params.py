@@ -156,6 +156,10 @@ class AugmentationParams(_Section):
     upscaled to the backbone (docs/benchmarks.md); photos usually gain from them."""
 
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
+    quarter_turns: bool = Field(
+        False, description="Random 90-degree rotations, for images without an up (cells, tiles, micrographs, "
+        "satellite, textures); with flip: horizontal_and_vertical, all 8 symmetries of the square.",
+    )
     rotation: float = Field(0.0, ge=0, le=0.5, description="Fraction of a full turn; 0 turns it off.")
     zoom: float = Field(0.0, ge=0, lt=1)
     translation: float = Field(0.0, ge=0, lt=1)
@@ -190,7 +194,14 @@ class FinetuneParams(_Section):
     unfreeze_epochs: int = Field(
         0, ge=0, description="Gradual unfreezing: release the trained blocks top-down over this many epochs; 0 = at once."
     )
-    epochs: int = Field(5, ge=1)
+    epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="auto: `steps` optimizer steps, rounded to whole epochs, at most max_epochs."
+    )
+    steps: int = Field(1100, ge=1, description="The step budget of epochs: auto (the default run's 5 epochs of 219).")
+    max_epochs: int = Field(15, ge=1, description="Cap of epochs: auto on small data.")
+    max_minutes: float | None = Field(
+        30.0, gt=0, description="Stop after the epoch that passes this many minutes of training in one run; null: no cap."
+    )
     batch_size: int = Field(32, ge=1)
     early_stopping_patience: int = Field(0, ge=0, description="0 disables early stopping (the schedule sets the length).")
     augmentation: AugmentationParams = AugmentationParams()
@@ -200,9 +211,15 @@ class FinetuneParams(_Section):
     deterministic: bool = True
     seed: int = 42
 
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """The epochs to run: `epochs`, or for auto the step budget in whole epochs (never fewer than unfreeze_epochs)."""
+        if self.epochs != "auto":
+            return self.epochs
+        return max(1, self.unfreeze_epochs, min(self.max_epochs, round(self.steps / max(1, steps_per_epoch))))
+
     @model_validator(mode="after")
     def _unfreeze_fits(self) -> FinetuneParams:
-        if self.unfreeze_epochs > self.epochs:
+        if self.epochs != "auto" and self.unfreeze_epochs > self.epochs:
             raise ValueError(f"unfreeze_epochs ({self.unfreeze_epochs}) must not exceed epochs ({self.epochs})")
         return self
 

@@ -25,7 +25,7 @@ from headstart.params import FinetuneParams, Params
 def array_batches(
     images: np.ndarray, labels: np.ndarray, batch_size: int, order: Callable[[], np.ndarray]
 ) -> tf.data.Dataset:
-    """Batches of (uint8 images, one-hot labels) from an in-memory or memory-mapped array.
+    """Batches of (images, one-hot labels) from an in-memory or memory-mapped array, in its dtype.
 
     `order()` is called when an epoch's iterator starts (Keras creates one per epoch, after
     `on_epoch_begin`), so the order can depend on the epoch a callback has just set.
@@ -38,7 +38,7 @@ def array_batches(
             chosen = index[start : start + batch_size]
             yield images[chosen], labels[chosen]
 
-    signature = (tf.TensorSpec((None, size, size, 3), tf.uint8), tf.TensorSpec((None, classes), tf.float32))
+    signature = (tf.TensorSpec((None, size, size, 3), tf.as_dtype(images.dtype)), tf.TensorSpec((None, classes), tf.float32))
     batches = math.ceil(len(images) / batch_size)
     return tf.data.Dataset.from_generator(generate, output_signature=signature).apply(
         tf.data.experimental.assert_cardinality(batches))
@@ -139,7 +139,7 @@ def compile_for_finetuning(model: keras.Model, blocks: list[list], ft: FinetuneP
     optimizer, schedule and loss; returns the function that sets each epoch's per-block rates."""
     scales, release = block_scales(len(blocks), ft.unfreeze_epochs, ft.backbone_lr_multiplier)
     scaled = [(variable, scales[b]) for b, block in enumerate(blocks) for variable in block]
-    model.compile(optimizer=make_optimizer(ft, steps_per_epoch * ft.epochs, scaled),
+    model.compile(optimizer=make_optimizer(ft, steps_per_epoch * ft.epochs_for(steps_per_epoch), scaled),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=ft.label_smoothing),
                   metrics=["accuracy"], jit_compile=ft.jit_compile)
     model.optimizer.build(model.trainable_variables)

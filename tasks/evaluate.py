@@ -33,6 +33,7 @@ from headstart.data.artifacts import (
     ModelInfo,
     load_model,
     load_split,
+    load_split_paths,
     read_features_info,
     read_model_info,
 )
@@ -47,11 +48,19 @@ from headstart.params import EvaluateParams, Params
 from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
 from headstart.runtimes import Runner, resolve
 from headstart.serving import serving_model
-from headstart.uncertainty import bootstrap_intervals, format_interval, per_class_intervals, write_predictions
+from headstart.uncertainty import (
+    Predictions,
+    bootstrap_intervals,
+    compare_predictions,
+    format_interval,
+    per_class_intervals,
+    write_predictions,
+)
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("test", "val")
+SIGNIFICANT = 0.05  # McNemar p below which the report calls fine-tuning's change real
 
 
 class EvaluateError(ValueError):
@@ -129,6 +138,7 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
         "",
         markdown_table(worst[["path", "label", "predicted_label", "confidence"]]) if not worst.empty else "None.",
         "",
+        *_gain_lines(metrics),
         *report_lines(metrics, EVAL_SPLITS, calibration),
         "## Figures",
         "",
@@ -142,6 +152,46 @@ def write_report(target: Path, metrics: dict[str, Any], report: pd.DataFrame, co
            ""] if gradcam else []),
     ]
     atomic_write_text(target, "\n".join(text))
+
+
+def _gain_lines(metrics: dict[str, Any]) -> list[str]:
+    """The paired verdict on fine-tuning, in words: real gain, real loss, or within noise."""
+    gain = metrics.get("finetune_gain")
+    if gain is None:
+        return []
+    change = (f"Fine-tuning changed test accuracy by {100 * gain['delta']:+.2f} points over the head alone "
+              f"(paired bootstrap 95% interval {100 * gain['low']:+.2f} to {100 * gain['high']:+.2f} points; "
+              f"{gain['final_only_right']} images only the final model gets right, {gain['head_only_right']} only "
+              f"the head; McNemar's exact test p = {gain['p_value']:.3g}).")
+    if gain["p_value"] >= SIGNIFICANT:
+        verdict = (f"That is within noise (p >= {SIGNIFICANT}): on these {gain['images']} test images the "
+                   "fine-tuned model cannot be told from the head.")
+    elif gain["delta"] > 0:
+        verdict = "That gain is real: larger than the resampling noise of this test set."
+    else:
+        verdict = "That loss is real: the head alone is better on this test set."
+    return ["## Did fine-tuning pay? (head vs final, same test images)", "", f"{change} {verdict}", ""]
+
+
+def _finetune_gain(layout: Layout, features_info: FeaturesInfo, classes: list[str], test: pd.DataFrame,
+                   final_probs: np.ndarray, p: EvaluateParams) -> dict[str, Any]:
+    """Head (cached features) against final (images) on the same test images: McNemar and the paired Δ interval."""
+    head = load_model(layout.head_model, "train_head")
+    npz = layout.features_dir / "test.npz"
+    features, labels = load_split(npz, len(classes), features_info.feature_dim)
+
+    def predictions(paths: Any, truth: Any, probs: np.ndarray) -> Predictions:
+        frame = pd.DataFrame({"path": list(paths), "label": [classes[i] for i in truth],
+                              "predicted": [classes[i] for i in probs.argmax(axis=1)], "confidence": probs.max(axis=1)})
+        return Predictions(frame=frame, classes=classes, probabilities=probs)
+
+    # paired on path and label, so the features file's row order need not be the manifest's
+    found = compare_predictions(predictions(load_split_paths(npz), labels, head.predict(features, verbose=0)),
+                                predictions(test["path"], test["y"], final_probs), p.bootstrap_resamples,
+                                p.bootstrap_seed)
+    delta, low, high = found.accuracy_change
+    return {"delta": delta, "low": low, "high": high, "p_value": found.mcnemar_p, "images": found.images,
+            "head_only_right": found.base_only_right, "final_only_right": found.head_only_right}
 
 
 def _check_classes(layout: Layout, classes: list[str], features_info: FeaturesInfo) -> None:
@@ -262,6 +312,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         metrics[split]["ci95"] = found.as_metrics() | ece_intervals(
             rows[split]["y"].to_numpy(), final_probs[split], p.calibration_bins, p.bootstrap_resamples,
             p.bootstrap_seed)
+    if p.bootstrap_resamples:
+        metrics["finetune_gain"] = _finetune_gain(layout, features_info, classes, rows["test"], final_probs["test"], p)
     report, confusions, worst = _write_test_reports(layout, p, rows["test"], final_probs["test"], classes)
     gradcam = _write_gradcam(params, layout, info, plain, rows["test"], final_probs["test"], worst)
     passed, gate = _gate(metrics, p.assert_min_accuracy)

@@ -3,7 +3,8 @@
 The model is the head-trained classifier (warm start): preprocessing -> base -> pooling -> head.
 The layers from the cut point up train (by default the top 14 blocks, BatchNorm statistics
 included), recompiled with AdamW under a one-cycle schedule and label smoothing: the recipe
-measured in docs/benchmarks.md. Images are decoded and resized once into a uint8 cache; epochs stream batches
+measured in docs/benchmarks.md. Images are decoded and resized once into a cache of the
+exact pixels evaluate and the exported model see; epochs stream batches
 from it through `model.fit`. Each epoch is checkpointed (weights + optimizer state) under a key of
 every input, so a killed run resumes where it stopped and reaches the same weights as an
 uninterrupted one. The model before the first epoch is the baseline: if no epoch beats its
@@ -31,7 +32,7 @@ from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
 from headstart.backbones.registry import Backbone
-from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints
+from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints, TimeCap
 from headstart.data.artifacts import (
     FeaturesInfo,
     HeadInfo,
@@ -124,6 +125,8 @@ def _fit(model: keras.Model, data: EpochData, ft: FinetuneParams, checkpoints: E
         checkpoints.stopper = keras.callbacks.EarlyStopping("val_loss", patience=ft.early_stopping_patience)
         callbacks.append(checkpoints.stopper)
     callbacks += [checkpoints, DVCLiveCallback(live=live)]
+    if ft.max_minutes is not None:
+        callbacks.append(TimeCap(ft.max_minutes))  # after the checkpoint: a capped epoch is kept
     model.fit(data.train, validation_data=data.val, initial_epoch=state["epochs_done"], epochs=ft.epochs,
               class_weight=weights, shuffle=False, verbose=0, callbacks=callbacks)
     state["stopped"] = bool(model.stop_training)
@@ -186,15 +189,6 @@ def _start(checkpoints: EpochCheckpoints, model: keras.Model, data: EpochData, s
         model.load_weights(folder / state["last"])
 
 
-def _check_baseline(initial: dict[str, Any], inputs: _Inputs) -> None:
-    # uint8 rounding of the cached pixels flips a few borderline images against the cached features
-    tolerance = max(2.0 / (len(inputs.labels) - inputs.n_train), 0.005) + 1e-6
-    if abs(initial["val_accuracy"] - inputs.head_info.val_accuracy) > tolerance:
-        log.warning("finetune: the assembled model's val accuracy %.4f differs from the head's %.4f on cached "
-                    "features: check that features were computed with the same backbone and preprocessing",
-                    initial["val_accuracy"], inputs.head_info.val_accuracy)
-
-
 def _info(ft: FinetuneParams, inputs: _Inputs, backbone: Backbone, state: dict[str, Any], resumed_from: int,
           strategy: tf.distribute.Strategy, key: str, trainable: dict[str, Any]) -> dict[str, Any]:
     history = state["history"]
@@ -235,11 +229,12 @@ def _end_live(live: Live, info: dict[str, Any]) -> None:
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
-    ft = params.finetune
     require_trained_weights(params.features)
     checkpoints_of_each_key = [folder / "*" for folder in layout.checkpoint_dir.glob("*") if folder.is_dir()]
     remove_stale_temps(layout.finetune_dir, layout.image_cache_dir / "*", *checkpoints_of_each_key)
     inputs = _read_inputs(params, layout)
+    steps_per_epoch = math.ceil(inputs.n_train / params.finetune.batch_size)
+    ft = params.finetune.model_copy(update={"epochs": params.finetune.epochs_for(steps_per_epoch)})
 
     strategy = choose_strategy(ft.distribution if ft.enabled else "none")
     chief = is_chief(strategy)
@@ -248,7 +243,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         model, backbone = assemble(params, layout)
         _check_backbone(inputs.features_info, backbone)
         trainable, blocks = configure_trainable(model, backbone, ft)
-        release = compile_for_finetuning(model, blocks, ft, math.ceil(inputs.n_train / ft.batch_size))
+        release = compile_for_finetuning(model, blocks, ft, steps_per_epoch)
 
     images = cached_images([str(layout.root / p) for p in inputs.rows["path"]], list(inputs.rows["sha256"]),
                            backbone.image_size, backbone.spec.interpolation, layout.image_cache_dir)
@@ -268,7 +263,6 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     checkpoints.set_model(model)
     _start(checkpoints, model, data, state, folder, ft)
     state = checkpoints.state
-    _check_baseline(state["history"][0], inputs)
 
     live = Live(str(layout.live_dir("finetune") if scratch is None else scratch / "live"), dvcyaml=None,
                 save_dvc_exp=False)

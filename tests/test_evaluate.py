@@ -195,6 +195,31 @@ def test_intervals_around_the_final_model_scores(exported_tree):
     assert "| recall_low" in text.split("## Per class")[1]
 
 
+def test_finetune_gain_pairs_head_and_final_on_the_same_test_images(exported_tree):
+    metrics = json.loads(exported_tree.metrics_file.read_text())
+    gain, test = metrics["finetune_gain"], _recomputed(exported_tree)["test"]
+    head_right = test["head_probs"].argmax(1) == test["head_labels"]
+    final_right = test["probs"].argmax(1) == test["labels"]  # temperature scaling keeps the argmax
+    b, c = int((head_right & ~final_right).sum()), int((~head_right & final_right).sum())
+    assert (gain["head_only_right"], gain["final_only_right"], gain["images"]) == (b, c, len(final_right))
+    assert gain["delta"] == pytest.approx(metrics["test"]["accuracy"] - metrics["head"]["test"]["accuracy"])
+    assert gain["low"] <= gain["delta"] <= gain["high"]
+    assert gain["p_value"] == pytest.approx(binomtest(c, b + c, 0.5).pvalue if b + c else 1.0)
+    text = (exported_tree.reports_dir / "evaluation.md").read_text()
+    assert "## Did fine-tuning pay?" in text and f"p = {gain['p_value']:.3g}" in text
+
+
+def test_a_gain_within_noise_is_called_so_in_words():
+    def verdict(delta: float, p_value: float) -> str:
+        gain = {"delta": delta, "low": delta - 0.02, "high": delta + 0.02, "p_value": p_value, "images": 90,
+                "head_only_right": 3, "final_only_right": 4}
+        return " ".join(evaluate._gain_lines({"finetune_gain": gain}))
+
+    assert "within noise" in verdict(0.011, 0.7) and "+1.10 points" in verdict(0.011, 0.7)
+    assert "gain is real" in verdict(0.05, 0.001) and "loss is real" in verdict(-0.05, 0.001)
+    assert evaluate._gain_lines({}) == []
+
+
 def test_per_image_test_predictions(exported_tree):
     found = read_predictions(exported_tree.predictions_file)
     test = _recomputed(exported_tree)["test"]
@@ -241,7 +266,7 @@ def test_bootstrap_off_drops_the_intervals(tree_copy):
     evaluate.run(params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"bootstrap_resamples": 0})}),
                  tree_copy)
     metrics = json.loads(tree_copy.metrics_file.read_text())
-    assert "ci95" not in metrics["test"] and "ci95" not in metrics["val"]
+    assert "ci95" not in metrics["test"] and "ci95" not in metrics["val"] and "finetune_gain" not in metrics
     report = pd.read_csv(tree_copy.reports_dir / "classification_report.csv")  # Wilson intervals need no resampling
     assert {"recall_low", "recall_high", "precision_low", "precision_high"} <= set(report.columns)
     assert "95% CI" not in (tree_copy.reports_dir / "evaluation.md").read_text()

@@ -31,7 +31,7 @@ def test_params_yaml_matches_the_defaults(tmp_path):
         ({"finetune.top_blocks": "most"}, "key 'finetune.top_blocks' has value 'most'"),
         ({"finetune.top_blocks": -2}, "key 'finetune.top_blocks' has value -2: Input should be greater than or equal to 0"),
         ({"finetune.schedule": "step"}, "'constant', 'cosine' or 'one_cycle'"),
-        ({"finetune.unfreeze_epochs": 9}, "unfreeze_epochs (9) must not exceed epochs (5)"),
+        ({"finetune.epochs": 5, "finetune.unfreeze_epochs": 9}, "unfreeze_epochs (9) must not exceed epochs (5)"),
         ({"finetune.backbone_lr_multiplier": 0}, "key 'finetune.backbone_lr_multiplier' has value 0"),
         ({"lr_find.end_lr": 1e-8}, "end_lr (1e-08) must be larger than start_lr (1e-07)"),
     ],

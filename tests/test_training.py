@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from headstart.callbacks import TimeCap
 from headstart.optimizers import block_scales, learning_rate_schedule, make_optimizer
 from headstart.params import FinetuneParams
 
@@ -55,3 +56,41 @@ def test_one_cycle_warms_up_from_a_25th_then_anneals() -> None:
     rates = [float(schedule(step)) for step in (0, 20, 60, 100)]
     assert rates[0] == pytest.approx(4e-5) and rates[1] == pytest.approx(1e-3)
     assert rates[1] > rates[2] > rates[3] and rates[3] < 1e-6
+
+
+def test_auto_epochs_spend_the_step_budget_in_whole_epochs() -> None:
+    auto = FinetuneParams()  # steps 1100, max_epochs 15
+    assert auto.epochs_for(222) == 5  # the default run: 7,081 train images in batches of 32
+    assert auto.epochs_for(57) == 15 and auto.epochs_for(110) == 10  # 1,800 images capped; 3,500 images
+    assert auto.epochs_for(5000) == 1
+    assert FinetuneParams(epochs=3).epochs_for(5) == 3
+    assert FinetuneParams(unfreeze_epochs=4, steps=10).epochs_for(100) == 4  # never fewer than the unfreezing
+
+
+def test_time_cap_stops_after_the_epoch_that_passes_it() -> None:
+    model = _two_layer_model()
+    model.compile("adam", loss="categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)), np.eye(3)[rng.integers(0, 3, 64)]
+    capped = TimeCap(minutes=1e-9)
+    assert len(model.fit(x, y, epochs=4, verbose=0, callbacks=[capped]).history["loss"]) == 1 and capped.reached
+    roomy = TimeCap(minutes=60)
+    assert len(model.fit(x, y, epochs=4, verbose=0, callbacks=[roomy]).history["loss"]) == 4 and not roomy.reached
+
+
+def test_quarter_turns_rotate_each_image_exactly_and_only_in_training(fashion_arrays) -> None:
+    from headstart.model import RandomQuarterTurn, build_augmentation
+    from headstart.params import AugmentationParams
+
+    images = np.repeat(fashion_arrays[0][:16, ..., None], 3, axis=-1).astype("float32")
+    turned = RandomQuarterTurn(seed=3)(images, training=True).numpy()
+    turns = []
+    for image, out in zip(images, turned, strict=True):
+        matches = [k for k in range(4) if np.array_equal(np.rot90(image, k), out)]
+        assert matches, "not an exact quarter turn"
+        turns.append(matches[0])
+    assert len(set(turns)) > 1  # drawn per image
+    np.testing.assert_array_equal(RandomQuarterTurn(seed=3)(images, training=True).numpy(), turned)  # seeded
+    np.testing.assert_array_equal(RandomQuarterTurn(seed=3)(images, training=False).numpy(), images)
+    layers = build_augmentation(AugmentationParams(flip="horizontal_and_vertical", quarter_turns=True), 0).layers
+    assert [type(layer).__name__ for layer in layers] == ["RandomFlip", "RandomQuarterTurn"]

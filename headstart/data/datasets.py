@@ -23,6 +23,7 @@ from headstart.files import atomic_path, atomic_write_text, sha256_file
 log = logging.getLogger(__name__)
 
 CACHE_BATCH = 64
+CACHE_DTYPE = "float32"  # image_dataset's own dtype: the cache stores its pixels unrounded
 
 
 def resizing_layer(image_size: int, interpolation: str = "bilinear") -> layers.Resizing:
@@ -58,22 +59,25 @@ def image_dataset(
 def cached_images(
     paths: Sequence[str], keys: Sequence[str], image_size: int, interpolation: str, folder: Path
 ) -> np.ndarray:
-    """The images decoded and resized once, as uint8 (N, S, S, 3) on disk, memory-mapped.
+    """`image_dataset`'s pixels, computed once: float32 (N, S, S, 3) on disk, memory-mapped.
 
     Training epochs read this array instead of decoding files again; memory-mapping keeps the
-    process's own memory at a batch while the OS caches what fits. The file is named by the
-    images' content hashes (`keys`), the size and the interpolation; other cache files are removed.
-    Pixels go through the same decode and Resizing layer as evaluation and serving, rounded to uint8.
+    process's own memory at a batch while the OS caches what fits. The rows are `image_dataset`'s
+    output bit for bit (no rounding to uint8: resizing makes fractional values, and rounding them
+    flipped borderline images between fine-tuning's validation and evaluate), so training, the
+    fine-tune stage's validation, evaluate and the exported model see identical pixels. The file is
+    named by the images' content hashes (`keys`), the size and the interpolation; other cache files are removed.
     """
-    digest = hashlib.sha256(json.dumps([list(keys), image_size, interpolation, DECODE_ID]).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(json.dumps([list(keys), image_size, interpolation, DECODE_ID, CACHE_DTYPE])
+                            .encode()).hexdigest()[:20]
     target = folder / f"images-{digest}.npy"
     shape = (len(paths), image_size, image_size, 3)
     if not _intact(target, shape):
         with atomic_path(target, suffix=".npy") as tmp:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPE, shape=shape)
             row = 0
             for batch in image_dataset(paths, None, image_size, CACHE_BATCH, interpolation):
-                array[row : row + len(batch)] = np.clip(np.rint(batch.numpy()), 0, 255).astype(np.uint8)
+                array[row : row + len(batch)] = batch.numpy()
                 row += len(batch)
             array.flush()
             del array
@@ -95,7 +99,7 @@ def _intact(cache: Path, shape: tuple[int, ...]) -> bool:
         return False
     try:
         array = np.load(cache, mmap_mode="r")
-        problem = "" if array.shape == shape and array.dtype == np.uint8 else f"holds {array.shape}, not {shape}"
+        problem = "" if array.shape == shape and array.dtype == CACHE_DTYPE else f"holds {array.shape} {array.dtype}, not {shape} {CACHE_DTYPE}"
         del array
     except (ValueError, OSError, EOFError) as exc:  # numpy: "mmap length is greater than file size"
         problem = str(exc)
