@@ -157,7 +157,7 @@ def _run_stage(stage: str, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    if not args.verbose and args.command not in ("backbones",):
+    if not args.verbose and args.command not in ("backbones", "predict", "registry"):  # these may run without TF
         import_tensorflow_quietly()
     try:
         if args.command in (SOURCE_STAGE, *STAGES, *TOOLS):
