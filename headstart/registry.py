@@ -27,7 +27,6 @@ from typing import Any
 
 import pandas as pd
 
-from headstart.datadiff import write_data_table
 from headstart.files import atomic_directory, atomic_write_json, remove_stale_temps
 from headstart.layout import Layout
 
@@ -158,6 +157,10 @@ class Registry:
 
     def register(self, export_dir: Path, entry: dict[str, Any], data: pd.DataFrame) -> str:
         """Copy the exported folder in as the next version with its entry and data table; returns vN."""
+        # imported here: datadiff's Markdown pulls in matplotlib, which `headstart predict` (a registry reader)
+        # should not pay for at start-up
+        from headstart.datadiff import write_data_table
+
         remove_stale_temps(self.root / "v*")
         versions = self.versions()
         version = f"v{int(versions[-1][1:]) + 1 if versions else 1}"
