@@ -147,6 +147,31 @@ class RandomQuarterTurn(layers.Layer):
         return tf.einsum("kbhwc,bk->bhwc", rotated, choose)
 
 
+class RandomResizedCrop(layers.Layer):
+    """Inception's crop for photos: a random box of `min_area` to all of the image's area, aspect ratio 3/4
+    to 4/3, resized back to the input size (bilinear), drawn per image; identity outside training.
+
+    Keras 3 has RandomCrop (a fixed size) and RandomZoom (one aspect, reflected borders) but not this one.
+    """
+
+    def __init__(self, min_area: float, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.min_area, self.seed_generator = min_area, keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if not training:
+            return images
+        batch = tf.shape(images)[0]
+        area = keras.random.uniform((batch,), self.min_area, 1.0, seed=self.seed_generator)
+        ratio = tf.exp(keras.random.uniform((batch,), math.log(3 / 4), math.log(4 / 3), seed=self.seed_generator))
+        width, height = tf.minimum(tf.sqrt(area * ratio), 1.0), tf.minimum(tf.sqrt(area / ratio), 1.0)
+        left = keras.random.uniform((batch,), seed=self.seed_generator) * (1.0 - width)
+        top = keras.random.uniform((batch,), seed=self.seed_generator) * (1.0 - height)
+        boxes = tf.stack([top, left, top + height, left + width], axis=1)
+        crops = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(batch), tf.shape(images)[1:3])
+        return tf.cast(crops, images.dtype)
+
+
 def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequential | None:
     """Random Keras preprocessing layers from params (each off at 0/'none'); None when all are off.
 
@@ -157,6 +182,8 @@ def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequentia
         steps.append(layers.RandomFlip(params.flip, seed=seed))
     if params.quarter_turns:
         steps.append(RandomQuarterTurn(seed=seed + 5, name="random_quarter_turn"))
+    if params.crop_area:
+        steps.append(RandomResizedCrop(params.crop_area, seed=seed + 6, name="random_resized_crop"))
     if params.rotation:
         steps.append(layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
     if params.zoom:

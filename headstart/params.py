@@ -160,6 +160,10 @@ class AugmentationParams(_Section):
         False, description="Random 90-degree rotations, for images without an up (cells, tiles, micrographs, "
         "satellite, textures); with flip: horizontal_and_vertical, all 8 symmetries of the square.",
     )
+    crop_area: float = Field(
+        0.0, ge=0, lt=1, description="Random resized crops (Inception's, for photos) keep this fraction of the "
+        "area up to all of it, e.g. 0.35; 0 turns them off. Objects at the border of small centred images get cut.",
+    )
     rotation: float = Field(0.0, ge=0, le=0.5, description="Fraction of a full turn; 0 turns it off.")
     zoom: float = Field(0.0, ge=0, lt=1)
     translation: float = Field(0.0, ge=0, lt=1)

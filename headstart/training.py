@@ -3,8 +3,10 @@ the epoch data from the decoded-image cache (optimizers and callbacks live besid
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -15,11 +17,14 @@ import tensorflow as tf
 from headstart.backbones.cuts import cut_points, resolve_unfreeze_index
 from headstart.backbones.loading import load_backbone
 from headstart.backbones.registry import Backbone
-from headstart.data.sources.presets import effective_settings
+from headstart.callbacks import EpochCheckpoints, FinetuneState, TimeCap
+from headstart.data.artifacts import read_features_info
 from headstart.layout import Layout
 from headstart.model import build_augmentation, build_classifier, freeze_batch_norm, reseed
 from headstart.optimizers import block_scales, make_optimizer
 from headstart.params import FinetuneParams, Params
+
+log = logging.getLogger(__name__)
 
 
 def array_batches(
@@ -125,10 +130,17 @@ def configure_trainable(model: keras.Model, backbone: Backbone, ft: FinetunePara
 
 
 def assemble(params: Params, layout: Layout) -> tuple[keras.Model, Backbone]:
-    """The head-trained classifier: backbone (with its weights) composed with the saved head."""
-    features = params.features
-    backbone = load_backbone(features.backbone, features.weights, effective_settings(params).image_size,
-                             layout.backbone_dir, allow_random=features.allow_random_weights)
+    """The head-trained classifier: backbone (with its weights) composed with the saved head.
+
+    The backbone loads at the image size the features stage resolved and recorded ("auto" is resolved
+    there only), so the head meets the pixels its features were computed from.
+    """
+    features, recorded = params.features, read_features_info(layout)
+    backbone = load_backbone(features.backbone, features.weights, recorded.image_size, layout.backbone_dir,
+                             allow_random=features.allow_random_weights)
+    if recorded.weights_id != backbone.weights_id:
+        raise ValueError(f"{layout.features_dir / 'info.json'} was computed with weights {recorded.weights_id}, "
+                         f"features.weights now loads {backbone.weights_id}: rerun features and train_head")
     head = keras.saving.load_model(layout.head_model, compile=False, safe_mode=True)
     return build_classifier(backbone, head), backbone
 
@@ -144,3 +156,57 @@ def compile_for_finetuning(model: keras.Model, blocks: list[list], ft: FinetuneP
                   metrics=["accuracy"], jit_compile=ft.jit_compile)
     model.optimizer.build(model.trainable_variables)
     return release
+
+
+def evaluate_val(model: keras.Model, val: tf.data.Dataset) -> dict[str, float]:
+    loss, accuracy = model.evaluate(val, verbose=0)
+    return {"val_loss": float(loss), "val_accuracy": float(accuracy)}
+
+
+def _planned_epochs(ft: FinetuneParams) -> int:
+    if not isinstance(ft.epochs, int):
+        raise ValueError("finetune.epochs is still 'auto': resolve it with FinetuneParams.epochs_for first")
+    return ft.epochs
+
+
+def start_state(model: keras.Model, data: EpochData, folder: Path, ft: FinetuneParams) -> FinetuneState:
+    """The checkpoint's state with its last epoch's weights loaded, or a fresh state whose epoch 0 is the
+    head-only model (saved, so that a run killed in its first epoch can still keep the head)."""
+    state = FinetuneState.load(folder) if ft.enabled else None
+    if state is not None and state.epochs_done > _planned_epochs(ft):
+        log.info("finetune: checkpoint %s ran %d epochs, more than the %d asked: starting again", folder,
+                 state.epochs_done, ft.epochs)
+        state = None
+    if state is not None:
+        log.info("finetune: resuming from %s after epoch %d", folder, state.epochs_done)
+        model.load_weights(folder / state.last)
+        return state
+    state = FinetuneState.fresh(evaluate_val(model, data.val))
+    if ft.enabled:
+        state.save(folder, model, improved=True)
+    return state
+
+
+def fit_epochs(model: keras.Model, data: EpochData, ft: FinetuneParams, state: FinetuneState, folder: Path,
+               release: Callable[[int], None], callbacks: list[keras.callbacks.Callback],
+               class_weight: dict[int, float] | None) -> None:
+    """`model.fit` from the state's next epoch to `ft.epochs`, checkpointing every epoch into `folder`, then
+    the best epoch's weights loaded. EarlyStopping on val loss when a patience is set, the time cap when
+    `max_minutes` is; `callbacks` (logging) run after the checkpoint."""
+    epochs = _planned_epochs(ft)
+    if not state.stopped and state.epochs_done < epochs:
+        def before_epoch(epoch: int) -> None:
+            reseed(model, ft.seed * 1000 + epoch)
+            data.start_epoch(epoch)
+            release(epoch)
+
+        stopper = (keras.callbacks.EarlyStopping("val_loss", patience=ft.early_stopping_patience)
+                   if ft.early_stopping_patience else None)
+        checkpoints = EpochCheckpoints(folder, state, before_epoch, stopper)
+        cap = [] if ft.max_minutes is None else [TimeCap(ft.max_minutes)]  # after the checkpoint: a capped epoch is kept
+        model.fit(data.train, validation_data=data.val, initial_epoch=state.epochs_done, epochs=epochs,
+                  class_weight=class_weight, shuffle=False, verbose=0,
+                  callbacks=[keras.callbacks.TerminateOnNaN(), *([stopper] if stopper else []), checkpoints,
+                             *callbacks, *cap])
+        state.stopped = bool(model.stop_training)
+    model.load_weights(folder / state.best)

@@ -32,7 +32,7 @@ from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
 from headstart.backbones.registry import Backbone
-from headstart.callbacks import HISTORY_COLUMNS, EpochCheckpoints, TimeCap
+from headstart.callbacks import HISTORY_COLUMNS, FinetuneState
 from headstart.data.artifacts import (
     FeaturesInfo,
     HeadInfo,
@@ -44,13 +44,20 @@ from headstart.data.artifacts import (
 )
 from headstart.data.datasets import cached_images
 from headstart.data.manifest import read_split_manifest
-from headstart.data.sources.presets import effective_settings
 from headstart.files import atomic_directory, remove_stale_temps, sha256_file
 from headstart.layout import Layout
-from headstart.model import require_trained_weights, reseed
+from headstart.model import require_trained_weights
 from headstart.params import FinetuneParams, Params
 from headstart.runtime import choose_strategy, is_chief, mixed_precision, runtime_info, seed_everything
-from headstart.training import EpochData, assemble, compile_for_finetuning, configure_trainable, image_rows
+from headstart.training import (
+    EpochData,
+    assemble,
+    compile_for_finetuning,
+    configure_trainable,
+    fit_epochs,
+    image_rows,
+    start_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,7 @@ class FinetuneError(ValueError):
 # ---------------------------------------------------------------- inputs
 
 
-def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
+def checkpoint_key(params: Params, layout: Layout, features: FeaturesInfo) -> str:
     """Hash of everything the fine-tuned weights depend on; a checkpoint under another key is never resumed.
 
     With a constant learning rate `epochs` is left out: the weights after epoch k do not depend on
@@ -72,10 +79,8 @@ def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
     exclude = {"enabled", "epochs"} if params.finetune.schedule == "constant" else {"enabled"}
     inputs = {
         "finetune": params.finetune.model_dump(exclude=exclude),
-        "features": {**params.features.model_dump(include={"backbone", "weights"}),
-                     "image_size": effective_settings(params).image_size},
+        "features": features.model_dump(include={"backbone", "weights_id", "image_size", "preprocessing_id"}),
         "class_weight": params.train_head.class_weight,
-        "weights_id": weights_id,
         "head": sha256_file(layout.head_model),
         "manifest": sha256_file(layout.split_manifest),
     }
@@ -83,11 +88,6 @@ def checkpoint_key(params: Params, layout: Layout, weights_id: str) -> str:
 
 
 # ---------------------------------------------------------------- stage
-
-
-def _evaluate(model: keras.Model, val_ds: tf.data.Dataset) -> dict[str, float]:
-    loss, accuracy = model.evaluate(val_ds, verbose=0)
-    return {"val_loss": float(loss), "val_accuracy": float(accuracy)}
 
 
 def _write_outputs(target: Path, model: keras.Model, info: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -114,24 +114,6 @@ def _check_inputs(classes: list[str], head_info: HeadInfo, features_info: Featur
                                 "rerun features and train_head")
 
 
-def _fit(model: keras.Model, data: EpochData, ft: FinetuneParams, checkpoints: EpochCheckpoints, live: Live,
-         weights: dict[int, float] | None) -> None:
-    """`model.fit` from the checkpoint's next epoch; EarlyStopping on val loss when a patience is set."""
-    state = checkpoints.state
-    if state["stopped"] or state["epochs_done"] >= ft.epochs:
-        return
-    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
-    if ft.early_stopping_patience:
-        checkpoints.stopper = keras.callbacks.EarlyStopping("val_loss", patience=ft.early_stopping_patience)
-        callbacks.append(checkpoints.stopper)
-    callbacks += [checkpoints, DVCLiveCallback(live=live)]
-    if ft.max_minutes is not None:
-        callbacks.append(TimeCap(ft.max_minutes))  # after the checkpoint: a capped epoch is kept
-    model.fit(data.train, validation_data=data.val, initial_epoch=state["epochs_done"], epochs=ft.epochs,
-              class_weight=weights, shuffle=False, verbose=0, callbacks=callbacks)
-    state["stopped"] = bool(model.stop_training)
-
-
 @dataclass
 class _Inputs:
     """What fine-tuning reads from earlier stages, checked against each other."""
@@ -156,56 +138,23 @@ def _read_inputs(params: Params, layout: Layout) -> _Inputs:
     return _Inputs(head_info, features_info, classes, rows, labels, n_train, weights)
 
 
-def _check_backbone(features_info: FeaturesInfo, backbone: Backbone) -> None:
-    if features_info.weights_id != backbone.weights_id or features_info.image_size != backbone.image_size:
-        raise FinetuneError(
-            f"data/features/info.json was computed with weights {features_info.weights_id} at "
-            f"{features_info.image_size} px, the backbone now loads {backbone.weights_id} at {backbone.image_size} px: "
-            "rerun features and train_head"
-        )
-
-
-def _load_state(folder: Path, ft: FinetuneParams) -> dict[str, Any] | None:
-    """The checkpoint state to resume from, or None to start from the head-only model."""
-    state = EpochCheckpoints.load(folder) if ft.enabled else None
-    if state is not None and state["epochs_done"] > ft.epochs:
-        log.info("finetune: checkpoint %s ran %d epochs, more than the %d asked: starting again", folder,
-                 state["epochs_done"], ft.epochs)
-        state = None
-    return state
-
-
-def _start(checkpoints: EpochCheckpoints, model: keras.Model, data: EpochData, state: dict[str, Any] | None,
-           folder: Path, ft: FinetuneParams) -> None:
-    """A fresh run's baseline (the head-only model, epoch 0), or the weights of the epoch it stopped after."""
-    if state is None:
-        baseline = {"epoch": 0, **_evaluate(model, data.val)}
-        checkpoints.state = {"epochs_done": 0, "history": [baseline], "best_val_loss": baseline["val_loss"],
-                             "best_epoch": 0, "wait": 0, "stopped": False}
-        if ft.enabled:
-            checkpoints.save(improved=True)
-    else:
-        log.info("finetune: resuming from %s after epoch %d", folder, state["epochs_done"])
-        model.load_weights(folder / state["last"])
-
-
-def _info(ft: FinetuneParams, inputs: _Inputs, backbone: Backbone, state: dict[str, Any], resumed_from: int,
+def _info(ft: FinetuneParams, inputs: _Inputs, backbone: Backbone, state: FinetuneState, resumed_from: int,
           strategy: tf.distribute.Strategy, key: str, trainable: dict[str, Any]) -> dict[str, Any]:
-    history = state["history"]
-    best, initial = history[state["best_epoch"]], history[0]
+    history = state.history
+    best, initial = history[state.best_epoch], history[0]
     epoch_seconds = [h["seconds"] for h in history[1:]]
     return {
         # false when disabled, or when no epoch beat the head-only model (which is then what is saved)
-        "fine_tuned": bool(ft.enabled and state["best_epoch"] > 0),
+        "fine_tuned": bool(ft.enabled and state.best_epoch > 0),
         "classes": inputs.classes,
         "image_size": backbone.image_size,
         "backbone": backbone.spec.name,
         "weights_id": backbone.weights_id,
         "interpolation": backbone.spec.interpolation,
         "preprocessing_id": backbone.spec.preprocessing_id,
-        "epochs_run": state["epochs_done"],
+        "epochs_run": state.epochs_done,
         "resumed_from_epoch": resumed_from,
-        "best_epoch": state["best_epoch"],
+        "best_epoch": state.best_epoch,
         "best_val_accuracy": best["val_accuracy"],
         "best_val_loss": best["val_loss"],
         "initial_val_accuracy": initial["val_accuracy"],
@@ -241,7 +190,6 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     seed_everything(ft.seed, ft.deterministic)
     with mixed_precision(ft.mixed_precision and ft.enabled), strategy.scope():
         model, backbone = assemble(params, layout)
-        _check_backbone(inputs.features_info, backbone)
         trainable, blocks = configure_trainable(model, backbone, ft)
         release = compile_for_finetuning(model, blocks, ft, steps_per_epoch)
 
@@ -249,31 +197,20 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                            backbone.image_size, backbone.spec.interpolation, layout.image_cache_dir)
     data = EpochData(images, inputs.labels, inputs.n_train, len(inputs.classes), ft)
     scratch = None if chief else Path(tempfile.mkdtemp(prefix="headstart-worker-"))
-    key = checkpoint_key(params, layout, backbone.weights_id)
+    key = checkpoint_key(params, layout, inputs.features_info)
     folder = (scratch or layout.checkpoint_dir) / key
-    state = _load_state(folder, ft)
-    resumed_from = state["epochs_done"] if state else 0
-
-    def before_epoch(epoch: int) -> None:
-        reseed(model, ft.seed * 1000 + epoch)
-        data.start_epoch(epoch)
-        release(epoch)
-
-    checkpoints = EpochCheckpoints(folder, state or {}, before_epoch, stopper=None)
-    checkpoints.set_model(model)
-    _start(checkpoints, model, data, state, folder, ft)
-    state = checkpoints.state
+    state = start_state(model, data, folder, ft)
+    resumed_from = state.epochs_done
 
     live = Live(str(layout.live_dir("finetune") if scratch is None else scratch / "live"), dvcyaml=None,
                 save_dvc_exp=False)
-    _log_live(live, state["history"])
+    _log_live(live, state.history)
     if ft.enabled:
-        _fit(model, data, ft, checkpoints, live, inputs.weights)
-        model.load_weights(folder / state["best"])
+        fit_epochs(model, data, ft, state, folder, release, [DVCLiveCallback(live=live)], inputs.weights)
 
     info = _info(ft, inputs, backbone, state, resumed_from, strategy, key, trainable)
     _end_live(live, info)
-    _write_outputs(scratch or layout.finetune_dir, model, info, state["history"])
+    _write_outputs(scratch or layout.finetune_dir, model, info, state.history)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("finetune: best epoch %d, val accuracy %.4f (head %.4f)", info["best_epoch"], info["best_val_accuracy"],

@@ -64,6 +64,14 @@ def test_each_stage_depends_on_every_module_it_imports(stage: str) -> None:
     assert not missing, f"dvc.yaml stage {stage!r} imports {missing} but does not list them under deps"
 
 
+@pytest.mark.parametrize("stage", (SOURCE_STAGE, *STAGES))
+def test_each_stage_depends_on_no_module_it_does_not_import(stage: str) -> None:
+    """A module listed but not imported reruns the stage (and misses the Prefect cache) for nothing."""
+    needed = project_imports(REPO_ROOT / "tasks" / f"{stage}.py") | project_imports(REPO_ROOT / "tasks" / "cli.py", module_level_only=True)
+    extra = sorted(str(p.relative_to(REPO_ROOT)) for p in declared_deps(stage) - needed)
+    assert not extra, f"dvc.yaml stage {stage!r} lists {extra} under deps but does not import them"
+
+
 def test_the_import_reader_follows_imports_transitively() -> None:
     found = {p.relative_to(REPO_ROOT).as_posix() for p in project_imports(REPO_ROOT / "tasks" / "finetune.py")}
     assert {"tasks/finetune.py", "headstart/training.py", "headstart/backbones/torch_checkpoint.py",

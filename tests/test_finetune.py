@@ -233,8 +233,24 @@ def test_bad_inputs_are_named(layout: Layout, tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match=r"models/head/info.json lists classes \['a', 'b', 'c'\]"):
         finetune.run(make_params(layout.root), layout)
     info_path.write_text(json.dumps(info))
-    with pytest.raises(FinetuneError, match="computed with weights .* at 32 px, the backbone now loads .* at 40 px"):
-        finetune.run(make_params(layout.root, features={"image_size": 40}), layout)
+    features_info = layout.features_dir / "info.json"
+    recorded = json.loads(features_info.read_text())
+    features_info.write_text(json.dumps({**recorded, "weights_id": "other-weights"}))
+    try:
+        with pytest.raises(ValueError, match="computed with weights other-weights, features.weights now loads"):
+            finetune.run(make_params(layout.root), layout)
+    finally:
+        features_info.write_text(json.dumps(recorded))
+
+
+def test_later_stages_load_the_backbone_at_the_size_features_recorded(layout: Layout) -> None:
+    """features resolves `image_size` (auto included) once and records it; a changed setting does not
+    reach the head's backbone before features has run again."""
+    from headstart.training import assemble
+
+    model, backbone = assemble(make_params(layout.root, features={"image_size": 40}), layout)
+    recorded = json.loads((layout.features_dir / "info.json").read_text())["image_size"]
+    assert backbone.image_size == recorded == model.input_shape[1] != 40
 
 
 def test_lr_find_writes_a_curve_and_a_suggestion_without_touching_models(layout: Layout) -> None:

@@ -178,26 +178,27 @@ def test_truncated_decoded_image_cache_is_named_and_rebuilt(tmp_path, small_data
     np.testing.assert_array_equal(cached_images(paths, keys, 32, "bilinear", tmp_path / "cache"), first)
 
 
-@pytest.mark.parametrize("damage", ["state_not_json", "weights_cut_short"])
+@pytest.mark.parametrize("damage", ["state_not_json", "state_of_another_shape", "weights_cut_short"])
 def test_damaged_finetune_checkpoint_is_named_and_not_resumed(tmp_path, caplog, damage):
     import keras
 
-    from headstart.callbacks import EpochCheckpoints
+    from headstart.callbacks import FinetuneState
 
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    model.save_weights(folder / "epoch-1.weights.h5")
-    state = {"epochs_done": 1, "last": "epoch-1.weights.h5", "best": "epoch-1.weights.h5", "history": []}
-    (folder / "state.json").write_text(json.dumps(state))
-    assert EpochCheckpoints.load(folder) == state
+    state = FinetuneState.fresh({"val_loss": 0.5, "val_accuracy": 0.8})
+    state.save(folder, model, improved=True)
+    assert FinetuneState.load(folder) == state and state.last == "epoch-0.weights.h5"
     if damage == "state_not_json":
         (folder / "state.json").write_text('{"epochs_done": 1, "last": ')
+    elif damage == "state_of_another_shape":  # e.g. written by another version: a key missing, a count negative
+        (folder / "state.json").write_text(json.dumps({**state.model_dump(), "epochs_done": -1, "best_val_loss": None}))
     else:
-        weights = folder / "epoch-1.weights.h5"
+        weights = folder / state.last
         weights.write_bytes(weights.read_bytes()[:1000])
     with caplog.at_level(logging.WARNING):
-        assert EpochCheckpoints.load(folder) is None
+        assert FinetuneState.load(folder) is None
     assert f"checkpoint {folder} is damaged" in caplog.text and "starting again from the head-only model" in caplog.text
 
 

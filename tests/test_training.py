@@ -94,3 +94,22 @@ def test_quarter_turns_rotate_each_image_exactly_and_only_in_training(fashion_ar
     np.testing.assert_array_equal(RandomQuarterTurn(seed=3)(images, training=False).numpy(), images)
     layers = build_augmentation(AugmentationParams(flip="horizontal_and_vertical", quarter_turns=True), 0).layers
     assert [type(layer).__name__ for layer in layers] == ["RandomFlip", "RandomQuarterTurn"]
+
+
+def test_random_resized_crops_keep_the_size_vary_per_image_and_only_train(fashion_arrays) -> None:
+    from headstart.model import RandomResizedCrop, build_augmentation
+    from headstart.params import AugmentationParams
+
+    images = np.repeat(fashion_arrays[0][:16, ..., None], 3, axis=-1).astype("float32")
+    cropped = RandomResizedCrop(0.35, seed=3)(images, training=True).numpy()
+    assert cropped.shape == images.shape and cropped.dtype == images.dtype
+    changed = [not np.allclose(a, b, atol=1.0) for a, b in zip(images, cropped, strict=True)]
+    assert sum(changed) >= 12  # nearly every image is cropped
+    assert len({float(np.abs(a - b).mean()) for a, b in zip(images, cropped, strict=True)}) == len(images)  # per image
+    np.testing.assert_array_equal(RandomResizedCrop(0.35, seed=3)(images, training=True).numpy(), cropped)  # seeded
+    np.testing.assert_array_equal(RandomResizedCrop(0.35, seed=3)(images, training=False).numpy(), images)
+    # a crop of 99.9-100% of the area, at most 4/3 wide: the middle of the image keeps its pixels closely
+    whole = RandomResizedCrop(0.999, seed=1)(images, training=True).numpy()
+    assert np.abs(whole - images).mean() < np.abs(cropped - images).mean()
+    layers = build_augmentation(AugmentationParams(flip="none", crop_area=0.35), 0).layers
+    assert [type(layer).__name__ for layer in layers] == ["RandomResizedCrop"]

@@ -3,7 +3,8 @@
 `download.max_images_per_class` and `features.image_size` default to "auto": a preset that declares
 `demo` settings (Fashion-MNIST: 1,000 images per class at 96 px, sized for a CPU) gets them, and any
 other source keeps every image at the backbone's native size. `effective_settings` is the one place
-that turns the params into the values the stages use.
+that turns the params into the values the stages use; only download and features call it, and later
+stages read the image size features recorded in data/features/info.json.
 """
 
 from __future__ import annotations
