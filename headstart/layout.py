@@ -54,6 +54,11 @@ class Layout:
         return self.root / "data" / "cache" / "extract"
 
     @property
+    def registry_lock(self) -> Path:
+        """Held while the champion is read, compared and replaced (promote, rollback): one change at a time."""
+        return self.root / "data" / "cache" / "registry.lock"
+
+    @property
     def download_lock(self) -> Path:
         """Held over a whole download (transfer, extraction, the swap of data/raw): one at a time per project."""
         return self.root / "data" / "cache" / "download.lock"

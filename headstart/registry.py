@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from headstart.files import atomic_directory, atomic_write_json, remove_stale_temps
+from headstart.files import atomic_directory, atomic_write_json, exclusive, remove_stale_temps
 from headstart.layout import Layout
 
 ARTIFACT = "headstart-classifier"
@@ -191,9 +191,10 @@ class Registry:
 def rollback(layout: Layout, reference: str, reason: str = "") -> str:
     """Serve an earlier (or any) registered version: move the pointer and republish models/champion."""
     registry = Registry.of(layout)
-    version = registry.find(reference)  # a version reference reads no pointer: a damaged one can be replaced
-    registry.set_champion(version, "rollback", reason or f"`headstart registry rollback {reference}`")
-    registry.publish(layout.champion_dir)
+    with exclusive(layout.registry_lock, "registry rollback"):
+        version = registry.find(reference)  # a version reference reads no pointer: a damaged one can be replaced
+        registry.set_champion(version, "rollback", reason or f"`headstart registry rollback {reference}`")
+        registry.publish(layout.champion_dir)
     return version
 
 

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from headstart.datadiff import DataTableError, diff_data, read_data_table, write_diff
-from headstart.files import remove_stale_temps, sha256_file
+from headstart.files import exclusive, remove_stale_temps, sha256_file
 from headstart.layout import Layout
 from headstart.params import Params
 from headstart.promotion import Decision, comparison_json, decide, score, test_rows, write_report
@@ -48,36 +48,38 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     p = params.promote
     remove_stale_temps(layout.champion_dir)
     registry = Registry.of(layout)
-    champion = registry.champion()
-    card_file = layout.export_dir / CARD
-    if not card_file.exists():
-        raise FileNotFoundError(f"{card_file} not found: run the export stage first (headstart export)")
-    card = json.loads(card_file.read_text())
-    today = read_data_table(layout.raw_manifest, "run the download stage (headstart download)")
-    baseline = (read_data_table(registry.path(champion) / DATA_TABLE, "restore the registry (dvc checkout "
-                                "models/registry) or roll back to another version") if champion else None)
-    write_diff(diff_data(baseline, today, champion), layout.data_diff_json, layout.data_diff_md)
+    with exclusive(layout.registry_lock, "promote"):  # a rollback or another promote waits
+        champion = registry.champion()
+        card_file = layout.export_dir / CARD
+        if not card_file.exists():
+            raise FileNotFoundError(f"{card_file} not found: run the export stage first (headstart export)")
+        card = json.loads(card_file.read_text())
+        today = read_data_table(layout.raw_manifest, "run the download stage (headstart download)")
+        baseline = (read_data_table(registry.path(champion) / DATA_TABLE, "restore the registry (dvc checkout "
+                                    "models/registry) or roll back to another version") if champion else None)
+        write_diff(diff_data(baseline, today, champion), layout.data_diff_json, layout.data_diff_md)
 
-    export_id = sha256_file(card_file)
-    known = registry.version_of(export_id)
-    if known is not None and known == champion:
-        decision = Decision("unchanged", f"the challenger is {known}, already the champion")
-    elif known is not None:
-        decision = Decision("kept", f"the challenger is already registered as {known}, which is not the champion "
-                            f"(rolled back or replaced): `headstart registry rollback {known}` serves it again")
-    elif champion is None:
-        decision = Decision("promoted", "first model: no champion yet")
-    else:
-        rows = test_rows(layout)
-        decision = decide(p, score(preferred_model_file(registry.path(champion)), rows, layout.root),
-                          score(preferred_model_file(layout.export_dir), rows, layout.root))
+        export_id = sha256_file(card_file)
+        known = registry.version_of(export_id)
+        if known is not None and known == champion:
+            decision = Decision("unchanged", f"the challenger is {known}, already the champion")
+        elif known is not None:
+            decision = Decision("kept", f"the challenger is already registered as {known}, which is not the champion "
+                                f"(rolled back or replaced): `headstart registry rollback {known}` serves it again")
+        elif champion is None:
+            decision = Decision("promoted", "first model: no champion yet")
+        else:
+            rows = test_rows(layout)
+            decision = decide(p, score(preferred_model_file(registry.path(champion)), rows, layout.root),
+                              score(preferred_model_file(layout.export_dir), rows, layout.root))
 
-    registered = None
-    if decision.promote:
-        registered = registry.register(layout.export_dir, _entry(layout, card, export_id, decision, len(today)), today)
-        registry.set_champion(registered, "promote", decision.reason)
-    registry.publish(layout.champion_dir)
-    after = registry.champion()
+        registered = None
+        if decision.promote:
+            entry = _entry(layout, card, export_id, decision, len(today))
+            registered = registry.register(layout.export_dir, entry, today)
+            registry.set_champion(registered, "promote", decision.reason)
+        registry.publish(layout.champion_dir)
+        after = registry.champion()
     write_report(layout, decision, champion, after, registered, p)
     log.info("promote: %s (champion %s -> %s): %s", decision.outcome, champion, after, decision.reason)
     return {"outcome": decision.outcome, "champion_before": champion, "champion_after": after, "registered": registered}

@@ -107,6 +107,28 @@ def test_references_resolve_and_rollback_moves_the_pointer(two_versions: Layout)
     assert [(e["action"], e["version"], e["previous"]) for e in events][-1] == ("rollback", "v1", "v2")
 
 
+def test_a_rollback_waits_while_another_change_of_champion_holds_the_registry(two_versions: Layout, caplog) -> None:
+    """promote reads, compares and replaces the champion under the same lock: no change is lost between them."""
+    import logging
+    import threading
+
+    from filelock import FileLock
+
+    two_versions.registry_lock.parent.mkdir(parents=True, exist_ok=True)
+    held = FileLock(two_versions.registry_lock)
+    held.acquire()  # a promote mid-way between reading the champion and replacing it
+    done: list[str] = []
+    with caplog.at_level(logging.WARNING):
+        waiting = threading.Thread(target=lambda: done.append(rollback(two_versions, "v1")))
+        waiting.start()
+        waiting.join(2)
+        assert waiting.is_alive() and Registry.of(two_versions).champion() == "v2"
+        assert f"another run in this project holds {two_versions.registry_lock}; waiting" in caplog.text
+        held.release()
+        waiting.join(30)
+    assert done == ["v1"] and Registry.of(two_versions).champion() == "v1"
+
+
 def test_an_unknown_version_is_an_error_listing_the_versions(two_versions: Layout, capsys) -> None:
     with pytest.raises(RegistryError, match=r"'v9' not found .* \(versions: v1, v2\)"):
         resolve_model("v9", two_versions)
