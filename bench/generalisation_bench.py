@@ -51,10 +51,15 @@ def run_dataset(name: str, root: Path, overrides: dict[str, Any]) -> dict[str, A
         started = time.perf_counter()
         stage.run(params, layout)
         seconds[stage.__name__.rsplit(".", 1)[-1]] = time.perf_counter() - started
+    return read_result(name, bench_datasets.SETTINGS[name], layout, seconds)
+
+
+def read_result(name: str, settings: dict[str, str], layout: Layout, seconds: dict[str, float]) -> dict[str, Any]:
+    """The comparison evaluate wrote in a finished project, and what fine-tuning recorded."""
     metrics = json.loads(layout.metrics_file.read_text())
     info = json.loads((layout.finetune_dir / "info.json").read_text())
     history = pd.read_csv(layout.finetune_dir / "history.csv")
-    return {"dataset": name, "settings": bench_datasets.SETTINGS[name], "seconds": seconds,
+    return {"dataset": name, "settings": settings, "seconds": seconds,
             "train_images": json.loads(layout.split_summary.read_text())["total"]["train"],
             "head": metrics["head"]["test"]["accuracy"], "final": metrics["test"]["accuracy"],
             "gain": metrics["finetune_gain"], "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
@@ -81,7 +86,7 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         "epoch-1 train loss / start val loss": (f"{r['first_epoch_loss']:.3f} / {r['initial_val_loss']:.3f}"
                                                 if r["first_epoch_loss"] is not None else "-"),
         "val acc finetune = evaluate": f"{r['val']['finetune']:.4f} = {r['val']['evaluate']:.4f}",
-        "wall time": f"{sum(r['seconds'].values()) / 60:.1f} min",
+        "wall time": f"{sum(r['seconds'].values()) / 60:.1f} min" if r["seconds"] else "see `make run`",
     } for r in results]
     better = sum(verdict(r["gain"]) == "better" for r in results)
     worse = sum(verdict(r["gain"]) == "WORSE" for r in results)
@@ -105,6 +110,8 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path("/tmp/headstart-generalisation"))
     parser.add_argument("--datasets", nargs="+", default=list(bench_datasets.BUILDERS), choices=list(bench_datasets.BUILDERS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--default-run", type=Path, metavar="PROJECT",
+                        help="add the row of a finished `make run` of the default dataset in PROJECT (e.g. .)")
     parser.add_argument("--write-docs", action="store_true", help="update this bench's section of docs/benchmarks.md")
     parser.add_argument("--collect", type=Path, nargs="+", metavar="ROOT",
                         help="run nothing: tabulate the results.json of earlier runs (e.g. datasets run in parallel)")
@@ -117,6 +124,9 @@ def main() -> int:
         args.root.mkdir(parents=True, exist_ok=True)
         (args.root / "results.json").write_text(json.dumps(results, indent=2))
         logging.info("bench: %s", json.dumps(results[-1]))
+    if args.default_run:
+        results.insert(0, read_result("default run (`make run`)", {"params.yaml": "as shipped"},
+                                      Layout(args.default_run), {}))  # its wall time is make run's
     command = " ".join(["python bench/generalisation_bench.py", *(f"--set {o}" for o in args.overrides)])
     section = markdown(results, command)
     print(section)
