@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,15 @@ class CheckedRunner:
                      self.what, self.runtime, self.precision, self.parity)
             self.reference = None  # frees TensorFlow's traced copy
         return out
+
+    def map(self, batches: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """The outputs of each batch in turn: the first checked, the rest pipelined where the runner can."""
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        yield self(first)
+        yield from (self.runner.map(batches) if hasattr(self.runner, "map") else map(self.runner, batches))
 
 
 def runner(model: keras.Model, shape: Sequence[int | None], runtime: str, precision: str = "f32",

@@ -27,7 +27,7 @@ from headstart.calibration import (
     split_scores,
     write_reliability,
 )
-from headstart.conversion import runner
+from headstart.conversion import CheckedRunner, runner
 from headstart.data.artifacts import (
     FeaturesInfo,
     ModelInfo,
@@ -46,7 +46,7 @@ from headstart.metrics import classification_metrics, per_class_report
 from headstart.model import flip_tta_passes, with_flip_tta
 from headstart.params import EvaluateParams, Params
 from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
-from headstart.runtimes import Runner, resolve
+from headstart.runtimes import resolve
 from headstart.serving import serving_model
 from headstart.uncertainty import (
     Predictions,
@@ -87,12 +87,11 @@ def _split_rows(layout: Layout, classes: list[str]) -> dict[str, pd.DataFrame]:
     return {split: frame for split, frame in rows.items() if not frame.empty}
 
 
-def predict_images(run: Runner, layout: Layout, rows: pd.DataFrame, info: ModelInfo,
+def predict_images(run: CheckedRunner, layout: Layout, rows: pd.DataFrame, info: ModelInfo,
                    batch_size: int) -> list[np.ndarray]:
     """Each output of the model `run` runs (conversion.runner), over the rows' images."""
     paths = [str(layout.root / path) for path in rows["path"]]
-    batches = [run(batch) for batch in prefetched(image_batches(paths, info.image_size, batch_size,
-                                                                 info.interpolation))]
+    batches = list(run.map(prefetched(image_batches(paths, info.image_size, batch_size, info.interpolation))))
     return [np.concatenate(output) for output in zip(*batches, strict=True)]
 
 

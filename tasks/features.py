@@ -76,14 +76,14 @@ class _Job:
 
 
 def _extractor(backbone: Backbone, runtime: str, precision: str, batch_size: int, conversions: Path,
-               mixed: bool) -> Callable[[np.ndarray], np.ndarray]:
+               mixed: bool) -> Callable[[Iterator[np.ndarray]], Iterator[np.ndarray]]:
     """The backbone on `runtime`, built only when something has to be computed, its conversion kept in
     `conversions` for the next run; its first batch is checked against TensorFlow."""
     size = backbone.image_size
     key = backbone.cache_id + ("|mixed_float16" if mixed else "")
     run = runner(build_feature_extractor(backbone), [None, size, size, 3], runtime, precision, "features",
                  batch=batch_size, cache=(conversions, key))
-    return lambda batch: run(batch)[0]
+    return lambda batches: (outputs[0] for outputs in run.map(batches))
 
 
 def _batches(job: _Job, backbone: Backbone, batch_size: int) -> Iterator[np.ndarray]:
@@ -99,15 +99,15 @@ def _batches(job: _Job, backbone: Backbone, batch_size: int) -> Iterator[np.ndar
     return (batch.numpy() for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def _compute(job: _Job, extract: Callable[[np.ndarray], np.ndarray], backbone: Backbone,
+def _compute(job: _Job, extract: Callable[[Iterator[np.ndarray]], Iterator[np.ndarray]], backbone: Backbone,
              params: FeaturesParams, progress: Progress) -> int:
     """Run the backbone over the job's images, writing a shard every `shard_size` vectors."""
     task = progress.add_task(job.description, total=len(job.keys), rate="")
     pending: list[np.ndarray] = []
     done = flushed = 0
     start = time.perf_counter()
-    for batch in _batches(job, backbone, params.batch_size):
-        pending.append(extract(batch))
+    for features in extract(_batches(job, backbone, params.batch_size)):
+        pending.append(features)
         done += len(pending[-1])
         if done - flushed >= params.shard_size or done == len(job.keys):
             job.cache.write(job.keys[flushed:done], np.concatenate(pending))
