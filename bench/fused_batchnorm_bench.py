@@ -1,10 +1,9 @@
 """Would a fused training-mode BatchNorm make fine-tuning every layer affordable? (issue 20, item 3)
 
 Keras 3 computes training-mode BatchNormalization unfused on TensorFlow (moments, then arithmetic:
-keras-team/keras-core#225). Here each BatchNormalization layer of the fine-tuned classifier can instead
-run TensorFlow's fused kernel (`tf.raw_ops.FusedBatchNormV3`) in training mode, on the same variables and
-with Keras' momentum semantics (moving = momentum * moving + (1 - momentum) * batch statistic, the batch
-variance without Bessel's correction, which the fused kernel applies and which is undone here).
+keras-team/keras-core#225). headstart/batchnorm.py can instead run each BatchNormalization layer of the
+fine-tuned classifier on TensorFlow's fused kernel (`tf.raw_ops.FusedBatchNormV3`) in training mode, on the
+same variables and with Keras' momentum semantics.
 
 First a numerical check: one training-mode forward pass of the whole classifier on a real batch with each
 BatchNorm, from the same weights: the outputs and every layer's moving mean and variance must agree to
@@ -22,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +28,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from headstart.batchnorm import batch_norm_layers, fuse  # noqa: E402
 from headstart.data.datasets import cached_images  # noqa: E402
 from headstart.data.manifest import read_split_manifest  # noqa: E402
 from headstart.layout import Layout  # noqa: E402
@@ -42,54 +40,17 @@ from headstart.runtime import seed_everything  # noqa: E402
 from headstart.training import EpochData, assemble, compile_for_finetuning, configure_trainable, image_rows  # noqa: E402
 
 
-def fused_call(self: keras.layers.BatchNormalization, inputs: tf.Tensor, training: bool | None = None,
-               mask: tf.Tensor | None = None) -> tf.Tensor:
-    """BatchNormalization.call with the training branch on FusedBatchNormV3 (NHWC, float32, last axis)."""
-    if not (training and self.trainable) or inputs.shape.rank != 4 or self.axis not in (-1, 3):
-        return keras.layers.BatchNormalization.call(self, inputs, training=training, mask=mask)
-    channels = inputs.shape[-1]
-    scale = self.gamma if self.scale else tf.ones([channels])
-    offset = self.beta if self.center else tf.zeros([channels])
-    empty = tf.constant([], tf.float32)
-    y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=inputs, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=self.epsilon,
-        exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
-    n = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
-    variance = variance * (n - 1.0) / n  # the kernel returns the Bessel-corrected variance; Keras uses the biased one
-    m = self.momentum
-    self.moving_mean.assign(self.moving_mean * m + tf.stop_gradient(mean) * (1.0 - m))
-    self.moving_variance.assign(self.moving_variance * m + tf.stop_gradient(variance) * (1.0 - m))
-    return y
-
-
-def batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    found = []
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-    return found
-
-
-def fuse(model: keras.Model) -> int:
-    """Route every BatchNormalization layer's call through `fused_call` (an instance attribute: the class and
-    the saved config stay Keras' own)."""
-    layers = batch_norms(model)
-    for layer in layers:
-        layer.call = types.MethodType(fused_call, layer)
-    return len(layers)
-
-
 def check(params, layout: Layout, batch: np.ndarray) -> dict[str, float]:
     """Max abs differences, fused against Keras, after one training-mode forward pass from the same weights."""
     plain, _ = assemble(params, layout)
     fused, _ = assemble(params, layout)
     fuse(fused)
     for model in (plain, fused):
-        for layer in batch_norms(model):
+        for layer in batch_norm_layers(model):
             layer.trainable = True
     out_plain = plain(batch, training=True).numpy()
     out_fused = fused(batch, training=True).numpy()
-    pairs = list(zip(batch_norms(plain), batch_norms(fused), strict=True))
+    pairs = list(zip(batch_norm_layers(plain), batch_norm_layers(fused), strict=True))
     return {
         "output": float(np.abs(out_plain - out_fused).max()),
         "moving_mean": max(float(np.abs(a.moving_mean.numpy() - b.moving_mean.numpy()).max()) for a, b in pairs),
