@@ -190,9 +190,10 @@ def main() -> None:
     table = pd.DataFrame(rows)
     cores = os.cpu_count()
     features_images = len(read_split_manifest(small.split_manifest))
+    evaluated = (f"evaluate on the val + test splits of a {len(manifest)}-image tree ({len(test)} test), "
+                 if "evaluate" in args.measures else f"on a {len(manifest)}-image tree ({len(test)} test): ")
     header = (f"features stage on {features_images} Fashion-MNIST images (empty feature cache; the first run "
-              "also without the backbone's conversion on disk), evaluate on the val + test "
-              f"splits of a {len(manifest)}-image tree ({len(test)} test), predict on 200 of its test images and on "
+              f"also without the backbone's conversion on disk), {evaluated}predict on 200 of its test images and on "
               f"one; packaged MobileNetV2 at 96 px, {cores} CPU cores, median of {args.rounds} rounds (runtimes "
               "alternating), every run a fresh `headstart` process")
     print(header + "\n\n" + table.to_markdown(index=False))
