@@ -87,6 +87,15 @@ def _converter_version(runtime: str) -> str:
     return f"tf2onnx {tf2onnx.__version__} opset {ONNX_OPSET}"
 
 
+def weights_digest(model: keras.Model) -> str:
+    """sha256 of the model's weight values: what a name such as `weights: none` (random each build) cannot vouch for."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(weight.path.encode())
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _intact(folder: Path, files: Sequence[str]) -> str | None:
     """None when every file is there with the sha256 its checksums.json records, else what is wrong."""
     try:
@@ -104,8 +113,9 @@ def _intact(folder: Path, files: Sequence[str]) -> str | None:
 def cached_conversion(function: Any, runtime: str, folder: Path, key: str) -> Path:
     """`function` converted for `runtime` (model.xml + .bin, or model.onnx) under `folder`, reused while intact.
 
-    `key` names what the traced model computes (for a backbone: its cache_id: architecture, weights sha256,
-    input size, preprocessing); the converter's version and the input's shape and dtype are added here. The
+    `key` names what the traced model computes (`runner` adds the sha256 of its weight values to the caller's
+    name, e.g. a backbone's cache_id: architecture, weights file sha256, input size, preprocessing); the
+    converter's version and the input's shape and dtype are added here. The
     precision is not part of it: it is a compile-time hint, and the files hold f32 weights. A conversion is
     built under a temporary name with a checksum of each file and swapped in whole, so a killed run leaves
     none half-written; one damaged since (truncated, edited) fails its checksum and is converted again.
@@ -176,13 +186,15 @@ def runner(model: keras.Model, shape: Sequence[int | None], runtime: str, precis
     """`model` on `runtime` (a resolved name) for input batches of `shape`; outputs as a list, in float32.
 
     `batch`: OpenVINO compiles for that static batch size (faster; other sizes are padded or split).
-    `cache`: (folder, key) to keep the conversion on disk and reuse it (`cached_conversion`)."""
+    `cache`: (folder, key) to keep the conversion on disk and reuse it (`cached_conversion`), the key
+    extended by the weights' own digest."""
     function = traced(model, tf.TensorSpec(list(shape), dtype, name="image"))
     reference = _tensorflow_runner(function)
     if runtime == "tensorflow":
         return CheckedRunner(reference, None, runtime, precision, what)
     if cache is not None:
-        converted: Any = cached_conversion(function, runtime, *cache)
+        folder, key = cache
+        converted: Any = cached_conversion(function, runtime, folder, f"{key}|weights:{weights_digest(model)}")
     else:
         converted = to_openvino(function) if runtime == "openvino" else to_onnx(function).SerializeToString()
     fast = openvino_runner(converted, precision, batch) if runtime == "openvino" else onnx_runner(converted)

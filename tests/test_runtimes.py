@@ -248,9 +248,14 @@ def test_the_conversion_is_kept_reused_and_converted_again_when_damaged(extracto
         with caplog.at_level("WARNING", logger="headstart.conversion"):
             again = cached_conversion(function, runtime, tmp_path, "backbone-a")
         assert again == first and "converting again" in caplog.text
-    run = runner(extractor, [None, 64, 64, 3], runtime, what="features", cache=(tmp_path, "backbone-a"))
-    run(_fashion_batch(fashion_arrays, 64))
-    assert run.parity is not None and run.parity < runtimes.TOLERANCE["f32"]
+    from headstart.backbones.loading import build_feature_extractor, load_backbone
+
+    # the same name with other weights (weights: none draws new ones each build) is another conversion
+    random = build_feature_extractor(load_backbone("mobilenet_v2_tv", "none", 64, tmp_path / "backbone"))
+    for model in (extractor, random):
+        run = runner(model, [None, 64, 64, 3], runtime, what="features", cache=(tmp_path, "backbone-a"))
+        run(_fashion_batch(fashion_arrays, 64))
+        assert run.parity is not None and run.parity < runtimes.TOLERANCE["f32"]
     assert not list(tmp_path.glob(".*tmp-*"))  # no staging folder left behind
 
 
