@@ -5,18 +5,27 @@ ONNX goes through tf2onnx, which keeps the tensors a function captures by value 
 preprocessing `Normalization` layer, eager constants) as graph inputs that no caller feeds ("... are missing
 from input feed"); some it also freezes, leaving the input unread. `to_onnx` bakes each captured value that a
 node reads into the graph as an initializer and drops the rest, so the file takes the image only.
+
+Converting the backbone takes seconds (tf2onnx or `openvino.convert_model`), so the features stage keeps
+each conversion on disk (`cached_conversion`), named by what determines it, and checks it before reuse.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
+from filelock import FileLock
 
+from headstart.files import atomic_directory, sha256_file
 from headstart.runtimes import Runner, check_parity, onnx_runner, openvino_runner
 
 log = logging.getLogger(__name__)
@@ -64,6 +73,78 @@ def to_openvino(function: Any) -> Any:
     return model
 
 
+_FILES = {"openvino": ("model.xml", "model.bin"), "onnxruntime": ("model.onnx",)}
+CHECKSUMS = "checksums.json"
+
+
+def _converter_version(runtime: str) -> str:
+    if runtime == "openvino":
+        import openvino as ov
+
+        return f"openvino {ov.__version__}"
+    import tf2onnx
+
+    return f"tf2onnx {tf2onnx.__version__} opset {ONNX_OPSET}"
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 of the model's weight values: what a name such as `weights: none` (random each build) cannot vouch for."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(weight.path.encode())
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _intact(folder: Path, files: Sequence[str]) -> str | None:
+    """None when every file is there with the sha256 its checksums.json records, else what is wrong."""
+    try:
+        recorded = json.loads((folder / CHECKSUMS).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{CHECKSUMS} unreadable ({exc})"
+    for name in files:
+        if not (folder / name).is_file():
+            return f"{name} missing"
+        if recorded.get(name) != sha256_file(folder / name):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def cached_conversion(function: Any, runtime: str, folder: Path, key: str) -> Path:
+    """`function` converted for `runtime` (model.xml + .bin, or model.onnx) under `folder`, reused while intact.
+
+    `key` names what the traced model computes (`runner` adds the sha256 of its weight values to the caller's
+    name, e.g. a backbone's cache_id: architecture, weights file sha256, input size, preprocessing); the
+    converter's version and the input's shape and dtype are added here. The
+    precision is not part of it: it is a compile-time hint, and the files hold f32 weights. A conversion is
+    built under a temporary name with a checksum of each file and swapped in whole, so a killed run leaves
+    none half-written; one damaged since (truncated, edited) fails its checksum and is converted again.
+    """
+    (spec,) = function.input_signature
+    described = [key, runtime, _converter_version(runtime), keras.__version__, spec.shape.as_list(), spec.dtype.name]
+    target = folder / hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+    files = _FILES[runtime]
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder / f"{target.name}.lock"):  # two runs converting the same model: the second reuses
+        problem = _intact(target, files) if target.exists() else "absent"
+        if problem is None:
+            log.info("%s: reusing the %s conversion in %s", key, runtime, target)
+            return target / files[0]
+        if problem != "absent":
+            log.warning("%s: cached %s conversion %s: %s; converting again", key, runtime, target, problem)
+            shutil.rmtree(target, ignore_errors=True)
+        with atomic_directory(target) as staging:
+            if runtime == "openvino":
+                import openvino as ov
+
+                ov.save_model(to_openvino(function), str(staging / files[0]), compress_to_fp16=False)
+            else:
+                (staging / files[0]).write_bytes(to_onnx(function).SerializeToString())
+            (staging / "key.json").write_text(json.dumps(described, indent=1) + "\n")
+            (staging / CHECKSUMS).write_text(json.dumps({name: sha256_file(staging / name) for name in files}))
+    return target / files[0]
+
+
 def _tensorflow_runner(function: Any) -> Runner:
     def run(batch: np.ndarray) -> list[np.ndarray]:
         out = function(tf.constant(batch))
@@ -89,14 +170,32 @@ class CheckedRunner:
             self.reference = None  # frees TensorFlow's traced copy
         return out
 
+    def map(self, batches: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """The outputs of each batch in turn: the first checked, the rest pipelined where the runner can."""
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        yield self(first)
+        yield from (self.runner.map(batches) if hasattr(self.runner, "map") else map(self.runner, batches))
+
 
 def runner(model: keras.Model, shape: Sequence[int | None], runtime: str, precision: str = "f32",
-           what: str = "model", dtype: tf.DType = tf.float32) -> CheckedRunner:
-    """`model` on `runtime` (a resolved name) for input batches of `shape`; outputs as a list, in float32."""
+           what: str = "model", dtype: tf.DType = tf.float32, batch: int | None = None,
+           cache: tuple[Path, str] | None = None) -> CheckedRunner:
+    """`model` on `runtime` (a resolved name) for input batches of `shape`; outputs as a list, in float32.
+
+    `batch`: OpenVINO compiles for that static batch size (faster; other sizes are padded or split).
+    `cache`: (folder, key) to keep the conversion on disk and reuse it (`cached_conversion`), the key
+    extended by the weights' own digest."""
     function = traced(model, tf.TensorSpec(list(shape), dtype, name="image"))
     reference = _tensorflow_runner(function)
     if runtime == "tensorflow":
         return CheckedRunner(reference, None, runtime, precision, what)
-    fast = openvino_runner(to_openvino(function), precision) if runtime == "openvino" else \
-        onnx_runner(to_onnx(function).SerializeToString())
+    if cache is not None:
+        folder, key = cache
+        converted: Any = cached_conversion(function, runtime, folder, f"{key}|weights:{weights_digest(model)}")
+    else:
+        converted = to_openvino(function) if runtime == "openvino" else to_onnx(function).SerializeToString()
+    fast = openvino_runner(converted, precision, batch) if runtime == "openvino" else onnx_runner(converted)
     return CheckedRunner(fast, reference, runtime, precision, what)

@@ -88,6 +88,12 @@ class Layout:
         return self.root / "data" / "cache" / "features"
 
     @property
+    def conversion_cache_dir(self) -> Path:
+        """The backbone converted for OpenVINO / ONNX Runtime, one folder per conversion key (not a DVC out,
+        which DVC would delete before each run)."""
+        return self.root / "data" / "cache" / "conversions"
+
+    @property
     def features_dir(self) -> Path:
         return self.root / "data" / "features"
 

@@ -211,6 +211,9 @@ class FinetuneParams(_Section):
     augmentation: AugmentationParams = AugmentationParams()
     mixed_precision: bool = False
     jit_compile: bool = False
+    fused_batch_norm: bool = Field(
+        False, description="Training-mode BatchNorm on TensorFlow's fused kernel (faster when every layer trains, "
+        "docs/benchmarks.md); the saved model holds Keras' own layer.")
     distribution: Literal["auto", "none", "mirrored", "multi_worker"] = "auto"
     deterministic: bool = True
     seed: int = 42

@@ -27,7 +27,7 @@ from headstart.calibration import (
     split_scores,
     write_reliability,
 )
-from headstart.conversion import runner
+from headstart.conversion import CheckedRunner, runner
 from headstart.data.artifacts import (
     FeaturesInfo,
     ModelInfo,
@@ -37,7 +37,7 @@ from headstart.data.artifacts import (
     read_features_info,
     read_model_info,
 )
-from headstart.data.datasets import image_dataset
+from headstart.data.datasets import image_batches, prefetched
 from headstart.data.manifest import read_split_manifest
 from headstart.explain import GradCam, gradcam_examples, plot_gradcam
 from headstart.files import atomic_write_json, atomic_write_text, remove_stale_temps
@@ -46,7 +46,7 @@ from headstart.metrics import classification_metrics, per_class_report
 from headstart.model import flip_tta_passes, with_flip_tta
 from headstart.params import EvaluateParams, Params
 from headstart.reporting import markdown_table, plot_confusion, plot_misclassified, plot_training_curves
-from headstart.runtimes import Runner, resolve
+from headstart.runtimes import resolve
 from headstart.serving import serving_model
 from headstart.uncertainty import (
     Predictions,
@@ -87,12 +87,11 @@ def _split_rows(layout: Layout, classes: list[str]) -> dict[str, pd.DataFrame]:
     return {split: frame for split, frame in rows.items() if not frame.empty}
 
 
-def predict_images(run: Runner, layout: Layout, rows: pd.DataFrame, info: ModelInfo,
+def predict_images(run: CheckedRunner, layout: Layout, rows: pd.DataFrame, info: ModelInfo,
                    batch_size: int) -> list[np.ndarray]:
     """Each output of the model `run` runs (conversion.runner), over the rows' images."""
     paths = [str(layout.root / path) for path in rows["path"]]
-    dataset = image_dataset(paths, None, info.image_size, batch_size, info.interpolation)
-    batches = [run(batch.numpy()) for batch in dataset]
+    batches = list(run.map(prefetched(image_batches(paths, info.image_size, batch_size, info.interpolation))))
     return [np.concatenate(output) for output in zip(*batches, strict=True)]
 
 
@@ -215,7 +214,7 @@ def _score(params: Params, layout: Layout, info: ModelInfo, features_info: Featu
     head = load_model(layout.head_model, "train_head")
     model = flip_tta_passes(with_flip_tta(plain)) if p.tta_flip else plain  # the passes export will serve
     run = runner(model, [None, info.image_size, info.image_size, 3], resolve(p.runtime, key="evaluate.runtime"),
-                 what="evaluate")
+                 what="evaluate", batch=params.features.batch_size)
     metrics: dict[str, Any] = {"top_k": min(p.top_k, len(classes)), "fine_tuned": info.fine_tuned,
                                "tta_flip": p.tta_flip, "head": {}}
     if p.tta_flip:

@@ -7,6 +7,8 @@ view number). So adding images computes only the new ones, renaming or moving a 
 nothing, and changing the backbone or size starts a new namespace. The backbone runs on `features.runtime`
 (headstart/runtimes.py); f32 runtimes agree with TensorFlow to 1e-4 of the features' scale (checked on the
 first batch) and share a namespace, while bf16 features get their own (`|bf16`), never mixing with f32 ones.
+The backbone's OpenVINO / ONNX conversion is kept in `layout.conversion_cache_dir` for later runs
+(headstart/conversion.py), and OpenVINO runs it at the static batch size `features.batch_size`.
 
 The cache itself is headstart/data/feature_cache.py.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from headstart.backbones.loading import build_feature_extractor, load_backbone
 from headstart.backbones.registry import Backbone
 from headstart.conversion import runner
 from headstart.data.artifacts import FeaturesInfo, write_info
-from headstart.data.datasets import image_dataset, resizing_layer
+from headstart.data.datasets import image_batches, image_dataset, prefetched, resizing_layer
 from headstart.data.feature_cache import ShardCache, write_npz_streaming
 from headstart.data.images import DECODE_ID
 from headstart.data.manifest import SPLITS, read_split_manifest
@@ -73,35 +75,39 @@ class _Job:
     description: str
 
 
-def _extractor(backbone: Backbone, runtime: str, precision: str) -> Callable[[tf.Tensor], np.ndarray]:
-    """The backbone on `runtime`, built only when something has to be computed; its first batch is checked
-    against TensorFlow."""
+def _extractor(backbone: Backbone, runtime: str, precision: str, batch_size: int, conversions: Path,
+               mixed: bool) -> Callable[[Iterator[np.ndarray]], Iterator[np.ndarray]]:
+    """The backbone on `runtime`, built only when something has to be computed, its conversion kept in
+    `conversions` for the next run; its first batch is checked against TensorFlow."""
     size = backbone.image_size
-    run = runner(build_feature_extractor(backbone), [None, size, size, 3], runtime, precision, "features")
-    return lambda batch: run(batch.numpy())[0]
+    key = backbone.cache_id + ("|mixed_float16" if mixed else "")
+    run = runner(build_feature_extractor(backbone), [None, size, size, 3], runtime, precision, "features",
+                 batch=batch_size, cache=(conversions, key))
+    return lambda batches: (outputs[0] for outputs in run.map(batches))
 
 
-def _dataset(job: _Job, backbone: Backbone, batch_size: int) -> tf.data.Dataset:
+def _batches(job: _Job, backbone: Backbone, batch_size: int) -> Iterator[np.ndarray]:
+    """The job's images as the backbone takes them, decoded in a thread while the backbone runs."""
     interpolation = backbone.spec.interpolation
-    ds = image_dataset(job.paths, None, backbone.image_size, batch_size, interpolation)
     if job.seeds is None:
-        return ds
+        return prefetched(image_batches(job.paths, backbone.image_size, batch_size, interpolation))
+    ds = image_dataset(job.paths, None, backbone.image_size, batch_size, interpolation)
     resize = resizing_layer(backbone.image_size, interpolation)
     seeds = tf.data.Dataset.from_tensor_slices(np.asarray(job.seeds, dtype=np.int32))
     ds = tf.data.Dataset.zip((ds.unbatch(), seeds))
     ds = ds.map(lambda image, seed: augment(image, seed, resize), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return (batch.numpy() for batch in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def _compute(job: _Job, extract: Callable[[tf.Tensor], np.ndarray], backbone: Backbone,
+def _compute(job: _Job, extract: Callable[[Iterator[np.ndarray]], Iterator[np.ndarray]], backbone: Backbone,
              params: FeaturesParams, progress: Progress) -> int:
     """Run the backbone over the job's images, writing a shard every `shard_size` vectors."""
     task = progress.add_task(job.description, total=len(job.keys), rate="")
     pending: list[np.ndarray] = []
     done = flushed = 0
     start = time.perf_counter()
-    for batch in _dataset(job, backbone, params.batch_size):
-        pending.append(extract(batch))
+    for features in extract(_batches(job, backbone, params.batch_size)):
+        pending.append(features)
         done += len(pending[-1])
         if done - flushed >= params.shard_size or done == len(job.keys):
             job.cache.write(job.keys[flushed:done], np.concatenate(pending))
@@ -194,7 +200,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         timings[name] = round(now - clock, 3)
         clock = now
 
-    remove_stale_temps(layout.features_dir, layout.backbone_dir / "*")
+    remove_stale_temps(layout.features_dir, layout.backbone_dir / "*", layout.conversion_cache_dir / "*")
     manifest = read_split_manifest(layout.split_manifest)
     classes = sorted(manifest["label"].unique())
     manifest["label_index"] = manifest["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int32)
@@ -221,7 +227,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 
     computed = {job.description: 0 for job in jobs}
     if any(job.keys for job in jobs):
-        extract = _extractor(backbone, runtime, p.precision)
+        extract = _extractor(backbone, runtime, p.precision, p.batch_size, layout.conversion_cache_dir, mixed)
         with count_progress() as progress:
             for job in jobs:
                 if job.keys:

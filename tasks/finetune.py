@@ -32,6 +32,7 @@ from dvclive.keras import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 
 from headstart.backbones.registry import Backbone
+from headstart.batchnorm import fuse
 from headstart.callbacks import HISTORY_COLUMNS, FinetuneState
 from headstart.data.artifacts import (
     FeaturesInfo,
@@ -190,6 +191,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     seed_everything(ft.seed, ft.deterministic)
     with mixed_precision(ft.mixed_precision and ft.enabled), strategy.scope():
         model, backbone = assemble(params, layout)
+        if ft.fused_batch_norm:  # the saved model keeps Keras' own layer (headstart/batchnorm.py)
+            log.info("finetune: %d BatchNorm layers train on the fused kernel", fuse(model))
         trainable, blocks = configure_trainable(model, backbone, ft)
         release = compile_for_finetuning(model, blocks, ft, steps_per_epoch)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 from PIL import Image
 
-from headstart.data.datasets import cached_images, image_dataset
-from headstart.data.images import load_rgb
+from headstart.data.datasets import cached_images, image_batches, image_dataset, prefetched, resizing_layer
+from headstart.data.images import ImageError, load_rgb
 from headstart.params import FinetuneParams
 from headstart.serving import serving_model
 from headstart.training import EpochData
@@ -50,3 +51,24 @@ def test_training_validation_evaluate_and_export_see_identical_pixels(tmp_path: 
     train = np.concatenate([x.numpy() for x, _ in data.train])
     np.testing.assert_array_equal(np.concatenate([train[np.argsort(data._order())], *[x.numpy() for x, _ in data.val]]),
                                   cached)
+
+
+def test_a_batch_of_mixed_shapes_resizes_as_each_image_alone(tmp_path: Path, photos, fashion_arrays) -> None:
+    """image_batches resizes the images of one shape together: bit for bit what each gives alone."""
+    paths = [str(p) for p in _sources(tmp_path, photos, fashion_arrays)]
+    for i in (1, 2):  # more 28 px images, the shape the stack resizes together
+        Image.fromarray(fashion_arrays[0][i]).save(tmp_path / f"shirt{i}.png")
+        paths.insert(i, str(tmp_path / f"shirt{i}.png"))
+    (batch,) = list(prefetched(image_batches(paths, SIZE, len(paths))))
+    resize = resizing_layer(SIZE, "bilinear")
+    for path, row in zip(paths, batch, strict=True):
+        np.testing.assert_array_equal(resize(load_rgb(path, target_size=SIZE).astype(np.float32)), row)
+
+
+def test_a_decoding_error_in_the_prefetching_thread_reaches_the_caller(tmp_path: Path, fashion_arrays) -> None:
+    good = tmp_path / "shirt.png"
+    Image.fromarray(fashion_arrays[0][0]).save(good)
+    bad = tmp_path / "cut.png"
+    bad.write_bytes(good.read_bytes()[:20])
+    with pytest.raises(ImageError, match=r"cut\.png: corrupt or truncated"):
+        list(prefetched(image_batches([str(good)] * 5 + [str(bad)], SIZE, 2)))

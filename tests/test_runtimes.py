@@ -216,3 +216,58 @@ def test_runtime_flag_names_what_cannot_run(exported_tree, tmp_path):
     assert load_predictor(lone, runtime="auto").kind == "keras"  # no twin beside it: TensorFlow
     with pytest.raises(FileNotFoundError, match="--runtime openvino: no model.xml beside"):
         load_predictor(lone, runtime="openvino")
+
+
+# ---------------------------------------------------------------- the kept conversion and the static batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", FAST)
+def test_the_conversion_is_kept_reused_and_converted_again_when_damaged(extractor, fashion_arrays, tmp_path, runtime,
+                                                                       caplog):
+    """The features stage's conversion on disk: reused while intact, a truncated or edited file converted again."""
+    import tensorflow as tf
+
+    from headstart.conversion import CHECKSUMS, cached_conversion, runner, traced
+
+    function = traced(extractor, tf.TensorSpec([None, 64, 64, 3], tf.float32, name="image"))
+    first = cached_conversion(function, runtime, tmp_path, "backbone-a")
+    stamp = first.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="headstart.conversion"):
+        assert cached_conversion(function, runtime, tmp_path, "backbone-a") == first
+    assert first.stat().st_mtime_ns == stamp and "reusing" in caplog.text
+    assert cached_conversion(function, runtime, tmp_path, "backbone-b").parent != first.parent  # another key
+
+    weights = first.with_suffix(".bin") if runtime == "openvino" else first
+    for damage in ("truncate", "checksums"):
+        if damage == "truncate":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        else:
+            (first.parent / CHECKSUMS).write_text("{not json")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="headstart.conversion"):
+            again = cached_conversion(function, runtime, tmp_path, "backbone-a")
+        assert again == first and "converting again" in caplog.text
+    from headstart.backbones.loading import build_feature_extractor, load_backbone
+
+    # the same name with other weights (weights: none draws new ones each build) is another conversion
+    random = build_feature_extractor(load_backbone("mobilenet_v2_tv", "none", 64, tmp_path / "backbone"))
+    for model in (extractor, random):
+        run = runner(model, [None, 64, 64, 3], runtime, what="features", cache=(tmp_path, "backbone-a"))
+        run(_fashion_batch(fashion_arrays, 64))
+        assert run.parity is not None and run.parity < runtimes.TOLERANCE["f32"]
+    assert not list(tmp_path.glob(".*tmp-*"))  # no staging folder left behind
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_a_static_openvino_batch_pads_short_batches_and_splits_long_ones(extractor, fashion_arrays):
+    from headstart.conversion import runner
+
+    batch = _fashion_batch(fashion_arrays, 64)
+    reference = runner(extractor, [None, 64, 64, 3], "tensorflow")(batch)[0]
+    run = runner(extractor, [None, 64, 64, 3], "openvino", what="features", batch=8)
+    for rows in (slice(0, 8), slice(0, 5), slice(0, 32), slice(3, 22)):
+        (features,) = run(batch[rows])
+        assert features.shape == reference[rows].shape
+        assert np.abs(features - reference[rows]).max() < runtimes.TOLERANCE["f32"] * np.abs(reference).max()
