@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,8 @@ def image_dataset(
     paths = list(paths)
     ds = tf.data.Dataset.from_generator(
         lambda: image_batches(paths, image_size, batch_size, interpolation),
-        output_signature=tf.TensorSpec((None, image_size, image_size, 3), tf.float32))
+        output_signature=tf.TensorSpec((None, image_size, image_size, 3), tf.float32),
+    ).apply(tf.data.experimental.assert_cardinality(math.ceil(len(paths) / batch_size)))  # Keras then knows the end
     if labels is not None:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.int32))
                                   .batch(batch_size)))
