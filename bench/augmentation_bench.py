@@ -12,7 +12,6 @@ is for (test accuracy), so a default is kept only if no candidate beats it on va
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import datasets as bench_datasets  # noqa: E402
 import pandas as pd  # noqa: E402
 from docs_section import write_section  # noqa: E402
-from generalisation_bench import run_dataset  # noqa: E402
+from generalisation_bench import read_result, run_dataset  # noqa: E402
 
 from headstart.layout import Layout  # noqa: E402
 from headstart.reporting import markdown_table  # noqa: E402
@@ -44,12 +43,10 @@ def result(root: Path, candidate: str, dataset: str) -> dict[str, Any]:
     layout = Layout(folder / dataset)
     if not (layout.metrics_file.exists() and (layout.finetune_dir / "info.json").exists()):
         run_dataset(dataset, folder, CANDIDATES[candidate])
-    info = json.loads((layout.finetune_dir / "info.json").read_text())
-    metrics = json.loads(layout.metrics_file.read_text())
-    return {"dataset": dataset, "candidate": candidate, "val_loss": info["best_val_loss"],
-            "val_accuracy": info["best_val_accuracy"], "test_accuracy": metrics["test"]["accuracy"],
-            "test_images": metrics["finetune_gain"]["images"]}
-
+    found = read_result(dataset, bench_datasets.SETTINGS[dataset], layout, {})
+    return {"dataset": dataset, "candidate": candidate, "val_loss": found["best_val_loss"],
+            "val_accuracy": found["val"]["finetune"], "test_accuracy": found["final"],
+            "test_images": found["gain"]["images"]}
 
 def slug(candidate: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in candidate)

@@ -65,6 +65,7 @@ def read_result(name: str, settings: dict[str, str], layout: Layout, seconds: di
             "gain": metrics["finetune_gain"], "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
             "fine_tuned": info["fine_tuned"], "val": {"finetune": info["best_val_accuracy"],
                                                        "evaluate": metrics["val"]["accuracy"]},
+            "best_val_loss": info["best_val_loss"],
             "first_epoch_loss": float(history.loc[1, "loss"]) if len(history) > 1 else None,
             "initial_val_loss": float(history.loc[0, "val_loss"])}
 
