@@ -17,7 +17,7 @@ run: setup
 test: setup
 	ruff check .
 	mypy  # headstart/ and tasks/ ([tool.mypy] in pyproject.toml)
-	pytest
+	pytest -n auto --dist loadfile  # one worker per core, each test file on one worker (its fixtures built once)
 
 bench: setup
 	python bench/features_bench.py
