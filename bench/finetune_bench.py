@@ -55,6 +55,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "sgd_one_cycle": {"optimizer": "sgd", "learning_rate": 0.01},
     "no_smoothing": {"label_smoothing": 0.0},
     "epochs_8": {"epochs": 8},
+    "erasing": {"augmentation.erasing": 0.5},
 }
 
 

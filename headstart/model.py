@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from headstart.backbones.preprocessing import TORCH_MEAN
 from headstart.optimizers import head_optimizer
 from headstart.params import AugmentationParams, FeaturesParams, TrainHeadParams
 
@@ -172,6 +173,9 @@ class RandomResizedCrop(layers.Layer):
         return tf.cast(crops, images.dtype)
 
 
+ERASED_PIXEL = [255 * m for m in TORCH_MEAN]  # ImageNet's mean pixel: what random erasing leaves
+
+
 def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequential | None:
     """Random Keras preprocessing layers from params (each off at 0/'none'); None when all are off.
 
@@ -184,6 +188,9 @@ def build_augmentation(params: AugmentationParams, seed: int) -> keras.Sequentia
         steps.append(RandomQuarterTurn(seed=seed + 5, name="random_quarter_turn"))
     if params.crop_area:
         steps.append(RandomResizedCrop(params.crop_area, seed=seed + 6, name="random_resized_crop"))
+    if params.erasing:
+        steps.append(layers.RandomErasing(factor=(params.erasing, params.erasing), fill_value=ERASED_PIXEL,
+                                          value_range=(0, 255), seed=seed + 7))
     if params.rotation:
         steps.append(layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
     if params.zoom:

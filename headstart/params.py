@@ -164,6 +164,10 @@ class AugmentationParams(_Section):
         0.0, ge=0, lt=1, description="Random resized crops (Inception's, for photos) keep this fraction of the "
         "area up to all of it, e.g. 0.35; 0 turns them off. Objects at the border of small centred images get cut.",
     )
+    erasing: float = Field(
+        0.0, ge=0, le=1, description="Random erasing (Zhong et al. 2017): the share of images that get one "
+        "rectangle of 2-33% of their area set to the ImageNet mean pixel (zero after preprocessing); 0 turns it off.",
+    )
     rotation: float = Field(0.0, ge=0, le=0.5, description="Fraction of a full turn; 0 turns it off.")
     zoom: float = Field(0.0, ge=0, lt=1)
     translation: float = Field(0.0, ge=0, lt=1)

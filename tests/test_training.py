@@ -113,3 +113,23 @@ def test_random_resized_crops_keep_the_size_vary_per_image_and_only_train(fashio
     assert np.abs(whole - images).mean() < np.abs(cropped - images).mean()
     layers = build_augmentation(AugmentationParams(flip="none", crop_area=0.35), 0).layers
     assert [type(layer).__name__ for layer in layers] == ["RandomResizedCrop"]
+
+
+def test_random_erasing_blanks_one_rectangle_in_about_the_asked_share_of_images_only_in_training(fashion_arrays) -> None:
+    from headstart.model import ERASED_PIXEL, build_augmentation
+    from headstart.params import AugmentationParams
+
+    images = np.repeat(fashion_arrays[0][:200, ..., None], 3, axis=-1).astype("float32")
+    erase = build_augmentation(AugmentationParams(flip="none", erasing=0.5), seed=3)
+    assert [type(layer).__name__ for layer in erase.layers] == ["RandomErasing"]
+    erased = erase(images, training=True).numpy()
+    changed = np.any(erased != images, axis=-1)  # per pixel
+    touched = [i for i in range(len(images)) if changed[i].any()]
+    assert 70 <= len(touched) <= 130  # about half of 200 images
+    for i in touched:
+        np.testing.assert_allclose(erased[i][changed[i]], np.broadcast_to(ERASED_PIXEL, (changed[i].sum(), 3)), rtol=1e-6)
+        rows, cols = np.nonzero(changed[i])  # one rectangle (pixels already at the fill colour stay unchanged)
+        assert changed[i].sum() <= (np.ptp(rows) + 1) * (np.ptp(cols) + 1) <= 0.34 * 28 * 28
+    again = build_augmentation(AugmentationParams(flip="none", erasing=0.5), seed=3)
+    np.testing.assert_array_equal(again(images, training=True).numpy(), erased)  # seeded
+    np.testing.assert_array_equal(erase(images, training=False).numpy(), images)
