@@ -33,6 +33,7 @@ from headstart.runtime import describe_device  # noqa: E402
 CANDIDATES: dict[str, dict[str, Any]] = {
     "shipped (flip, or none where the dataset has a handedness)": {},
     "shipped + resized crops 0.35": {"finetune.augmentation.crop_area": 0.35},
+    "shipped + random erasing 0.5": {"finetune.augmentation.erasing": 0.5},
 }
 DATASETS = ("coat_pullover_1000", "sklearn_digits", "fashion_100")
 
@@ -61,7 +62,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "test accuracy": f"{r['test_accuracy']:.4f}",
         "lowest val loss": "yes" if chosen[r["dataset"]] == r["candidate"] else "",
     } for r in rows])
-    wins = {c: int((chosen == c).sum()) for c in CANDIDATES}
+    wins = {c: int((chosen == c).sum()) for c in dict.fromkeys(table["candidate"])}
     return "\n".join([
         "## Augmentation: the default chosen by a table (bench/augmentation_bench.py)",
         "",
@@ -79,10 +80,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/headstart-augmentation"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(bench_datasets.BUILDERS))
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--write-docs", action="store_true", help="update this bench's section of docs/benchmarks.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    rows = [result(args.root, candidate, dataset) for dataset in args.datasets for candidate in CANDIDATES]
+    rows = [result(args.root, candidate, dataset) for dataset in args.datasets for candidate in args.candidates]
     section = markdown(rows, "python bench/augmentation_bench.py")
     print(section)
     if args.write_docs:
