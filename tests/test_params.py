@@ -33,6 +33,8 @@ def test_params_yaml_matches_the_defaults(tmp_path):
         ({"finetune.schedule": "step"}, "'constant', 'cosine' or 'one_cycle'"),
         ({"finetune.epochs": 5, "finetune.unfreeze_epochs": 9}, "unfreeze_epochs (9) must not exceed epochs (5)"),
         ({"finetune.backbone_lr_multiplier": 0}, "key 'finetune.backbone_lr_multiplier' has value 0"),
+        ({"finetune.augmentation.erasing": 1.5},
+         "key 'finetune.augmentation.erasing' has value 1.5: Input should be less than or equal to 1"),
         ({"lr_find.end_lr": 1e-8}, "end_lr (1e-08) must be larger than start_lr (1e-07)"),
     ],
 )
