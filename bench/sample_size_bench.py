@@ -41,7 +41,7 @@ from headstart.reporting import markdown_table  # noqa: E402
 from headstart.runtime import describe_device  # noqa: E402
 from headstart.uncertainty import compare_predictions, read_predictions, write_predictions  # noqa: E402
 
-SPLITS = ("val", "test")
+SCORED_SPLITS = ("val", "test")  # the first run's images each model is paired on
 
 
 def prepare(size: int, root: Path) -> Layout:
@@ -73,9 +73,9 @@ def measure(sizes: list[int], root: Path) -> list[dict[str, Any]]:
                                "own_val": {"images": counts["val"], "accuracy": info["best_val_accuracy"]}}
         own = pd.read_csv(layout.split_manifest, dtype=str, keep_default_na=False)
         kept = manifest.merge(own[["path", "split"]], on=["path", "split"])  # the first run's images in the same split
-        for name, images in [*((s, kept[kept["split"] == s]) for s in SPLITS), ("own", own[own["split"] == "test"])]:
+        for name, images in [*((s, kept[kept["split"] == s]) for s in SCORED_SPLITS), ("own", own[own["split"] == "test"])]:
             predict_on(layout, images, root / f"predictions-{size}-{name}.csv")
-        for name in SPLITS:
+        for name in SCORED_SPLITS:
             paired = compare_predictions(read_predictions(root / f"predictions-{sizes[0]}-{name}.csv"),
                                          read_predictions(root / f"predictions-{size}-{name}.csv"), resamples=1000, seed=0)
             row[name] = {"images": paired.images, "accuracy": paired.head_accuracy,
@@ -92,11 +92,11 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     shown = pd.DataFrame([{
         "images per class": r["size"], "train images": r["train"], "epochs (1,100 steps)": r["epochs"],
         "finetune s (epochs)": f"{r['finetune_seconds']:.0f}",
-        **{f"{name} acc ({first}/class images)": f"{r[name]['accuracy']:.4f} ({r[name]['images']})" for name in SPLITS},
+        **{f"{name} acc ({first}/class images)": f"{r[name]['accuracy']:.4f} ({r[name]['images']})" for name in SCORED_SPLITS},
         **{f"{name} Δ vs {first} [paired 95%], p": (
             "-" if r["size"] == first else
             f"{100 * r[name]['change'][0]:+.2f} [{100 * r[name]['change'][1]:+.2f}, {100 * r[name]['change'][2]:+.2f}], "
-            f"{r[name]['p']:.2g}") for name in SPLITS},
+            f"{r[name]['p']:.2g}") for name in SCORED_SPLITS},
         **{f"own {name} acc (images)": f"{r[key]['accuracy']:.4f} ({r[key]['images']})"
            for name, key in (("val", "own_val"), ("test", "own_test"))},
     } for r in rows])
