@@ -53,12 +53,15 @@ def prepare(size: int, root: Path) -> Layout:
     return layout
 
 
-def predict_on(layout: Layout, images: pd.DataFrame, target: Path) -> None:
-    """The fine-tuned model's predictions on `images` (manifest rows of another tree: the same relative paths)."""
-    info = json.loads((layout.finetune_dir / "info.json").read_text())
+def predict_on(layout: Layout, info: dict[str, Any], sets: dict[str, pd.DataFrame], root: Path) -> None:
+    """The fine-tuned model's predictions on each set of manifest rows (rows of another tree hold the same
+    relative paths), written to root/predictions-<size>-<name>.csv; the model is loaded once."""
     model = keras.saving.load_model(layout.finetune_model, safe_mode=True)
-    ds = image_dataset([str(layout.root / p) for p in images["path"]], None, info["image_size"], 64, info["interpolation"])
-    write_predictions(target, list(images["path"]), list(images["label"]), model.predict(ds, verbose=0), info["classes"])
+    for name, images in sets.items():
+        ds = image_dataset([str(layout.root / p) for p in images["path"]], None, info["image_size"], 64,
+                           info["interpolation"])
+        write_predictions(root / f"predictions-{layout.root.name}-{name}.csv", list(images["path"]),
+                          list(images["label"]), model.predict(ds, verbose=0), info["classes"])
 
 
 def measure(sizes: list[int], root: Path) -> list[dict[str, Any]]:
@@ -73,8 +76,8 @@ def measure(sizes: list[int], root: Path) -> list[dict[str, Any]]:
                                "own_val": {"images": counts["val"], "accuracy": info["best_val_accuracy"]}}
         own = pd.read_csv(layout.split_manifest, dtype=str, keep_default_na=False)
         kept = manifest.merge(own[["path", "split"]], on=["path", "split"])  # the first run's images in the same split
-        for name, images in [*((s, kept[kept["split"] == s]) for s in SCORED_SPLITS), ("own", own[own["split"] == "test"])]:
-            predict_on(layout, images, root / f"predictions-{size}-{name}.csv")
+        predict_on(layout, info, {**{s: kept[kept["split"] == s] for s in SCORED_SPLITS},
+                                  "own": own[own["split"] == "test"]}, root)
         for name in SCORED_SPLITS:
             paired = compare_predictions(read_predictions(root / f"predictions-{sizes[0]}-{name}.csv"),
                                          read_predictions(root / f"predictions-{size}-{name}.csv"), resamples=1000, seed=0)
@@ -90,8 +93,8 @@ def measure(sizes: list[int], root: Path) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     first = rows[0]["size"]
     shown = pd.DataFrame([{
-        "images per class": r["size"], "train images": r["train"], "epochs (1,100 steps)": r["epochs"],
-        "finetune s (epochs)": f"{r['finetune_seconds']:.0f}",
+        "images per class": r["size"], "train images": r["train"], "epochs (step budget 1,100)": r["epochs"],
+        "finetune s": f"{r['finetune_seconds']:.0f}",
         **{f"{name} acc ({first}/class images)": f"{r[name]['accuracy']:.4f} ({r[name]['images']})" for name in SCORED_SPLITS},
         **{f"{name} Δ vs {first} [paired 95%], p": (
             "-" if r["size"] == first else
